@@ -29,7 +29,8 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     found = [
         (name, mod)
         for name, mod in model.named_modules()
-        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] == "layers" and len(mod) == n
+        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks")
+        and len(mod) == n
     ]
     if len(found) != 1:
         raise UnsupportedModelError(
@@ -65,7 +66,7 @@ def zero_writers(layer: nn.Module, family: Family) -> list[str]:
 class ExpandResult:
     model: nn.Module
     placement: Placement
-    zeroed: list[str]
+    zeroed: dict[int, list[str]]  # new layer index -> parameter names zeroed in it
     config_keys_changed: list[str]
 
 
@@ -86,13 +87,13 @@ def expand_model(model: nn.Module, placement: Placement, family: Family | None =
     if len(layers) != placement.num_original:
         raise ValueError(f"placement is for {placement.num_original} layers, model has {len(layers)}")
     new_cfg, changed = expand_config(cfg.to_dict(), placement)
-    new_layers, zeroed = [], []
-    for kind, src in placement.layout():
+    new_layers, zeroed = [], {}
+    for i, (kind, src) in enumerate(placement.layout()):
         if kind == "orig":
             new_layers.append(layers[src])
         else:
             blk = copy.deepcopy(layers[src])
-            zeroed = zero_writers(blk, family)
+            zeroed[i] = zero_writers(blk, family)
             new_layers.append(blk)
     new_list = nn.ModuleList(new_layers)
     renumber_layers(new_list)
@@ -122,7 +123,7 @@ def strip_model(model: nn.Module, new_indices, base_config: dict | None = None) 
     renumber_layers(kept)
     new_cfg = strip_config(model.config.to_dict(), base_config, sorted(drop))
     _set_module(model, path, kept)
-    for key in ("num_hidden_layers", "layer_types", "no_rope_layers", "mlp_only_layers",
+    for key in ("num_hidden_layers", "n_layer", "layer_types", "no_rope_layers", "mlp_only_layers",
                 "decoder_sparse_step"):
         if key in new_cfg:
             setattr(model.config, key, new_cfg[key])

@@ -51,10 +51,14 @@ FAMILIES: tuple[Family, ...] = (
             "ministral", "seed_oss", "arcee", "apertus"),
            ("self_attn.o_proj",), ("mlp.down_proj",),
            "pre-norm blocks; Gemma's post-norms map a zero vector to zero"),
-    Family("mixtral", ("mixtral",), ("self_attn.o_proj",), ("mlp.experts.down_proj",),
-           "transformers 5 fuses experts into 3-D parameters"),
+    # transformers 5 fuses experts into 3-D parameters in memory but saves (and loads) the
+    # per-expert layout on disk; both spellings are listed, ``*`` matching one expert index.
+    Family("mixtral", ("mixtral",), ("self_attn.o_proj",),
+           ("mlp.experts.down_proj", "block_sparse_moe.experts.*.w2", "mlp.experts.*.w2"),
+           "every expert's down projection"),
     Family("qwen-moe", ("qwen2_moe", "qwen3_moe"), ("self_attn.o_proj",),
-           ("mlp.experts.down_proj", "mlp.shared_expert.down_proj", "mlp.down_proj"),
+           ("mlp.experts.down_proj", "mlp.experts.*.down_proj", "mlp.shared_expert.down_proj",
+            "mlp.down_proj"),
            "sparse layers zero every expert and the shared expert; dense layers their down_proj"),
     Family("starcoder2", ("starcoder2",), ("self_attn.o_proj",), ("mlp.c_proj",)),
     Family("phi", ("phi",), ("self_attn.dense",), ("mlp.fc2",), "parallel attention + MLP"),
@@ -99,7 +103,10 @@ def writer_param_names(layer_param_names, family: Family) -> list[str]:
     out: list[str] = []
 
     def match(prefix: str) -> list[str]:
-        return [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        # ``*`` stands for one dotted component (an expert index); never a substring match.
+        rx = re.compile("^" + r"\.".join("[^.]+" if c == "*" else re.escape(c)
+                                          for c in prefix.split(".")) + r"(\..+)?$")
+        return [n for n in names if rx.match(n)]
 
     for group, label in ((family.attn_writers, "attention"), (family.mlp_writers, "MLP")):
         if not group:
@@ -121,8 +128,18 @@ def is_quantized(config: dict) -> bool:
     return bool(config.get("quantization_config"))
 
 
+_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def depth_key(config: dict) -> str:
+    for key in _DEPTH_KEYS:
+        if isinstance(config.get(key), int):
+            return key
+    raise UnsupportedModelError("config has no num_hidden_layers; is this a decoder LLM config?")
+
+
 def num_layers_of(config: dict) -> int:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+    for key in _DEPTH_KEYS:
         if isinstance(config.get(key), int):
             return config[key]
     raise UnsupportedModelError("config has no num_hidden_layers; is this a decoder LLM config?")
@@ -134,7 +151,8 @@ def _moe_dense_layers(config: dict, n: int) -> list[int] | None:
         return None
     step = int(config.get("decoder_sparse_step") or 1)
     only = set(config.get("mlp_only_layers") or [])
-    num_experts = int(config.get("num_experts") or 0)
+    # Qwen3-MoE serialises num_experts under its attribute-map name num_local_experts.
+    num_experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
     return [i for i in range(n) if i in only or not (num_experts > 0 and (i + 1) % step == 0)]
 
 
@@ -150,8 +168,8 @@ def expand_config(config: dict, placement: Placement) -> tuple[dict, list[str]]:
         raise ValueError(f"placement is for {placement.num_original} layers, config has {n}")
     new = copy.deepcopy(config)
     src = placement.source_of()
-    changed = ["num_hidden_layers"]
-    new["num_hidden_layers"] = placement.num_total
+    changed = [depth_key(config)]
+    new[changed[0]] = placement.num_total
 
     for key in PER_LAYER_KEYS:
         val = config.get(key)
@@ -191,7 +209,7 @@ def strip_config(expanded: dict, base_config: dict | None, new_indices) -> dict:
         return copy.deepcopy(base_config)
     keep = [i for i in range(num_layers_of(expanded)) if i not in set(new_indices)]
     out = copy.deepcopy(expanded)
-    out["num_hidden_layers"] = len(keep)
+    out[depth_key(out)] = len(keep)
     for key in PER_LAYER_KEYS:
         if isinstance(out.get(key), list):
             out[key] = [out[key][i] for i in keep]
@@ -203,11 +221,12 @@ def strip_config(expanded: dict, base_config: dict | None, new_indices) -> dict:
 
 # --- state-dict key mapping, shared by both paths ---------------------------------------------
 
-_LAYER_KEY = re.compile(r"^(?P<pre>(?:[A-Za-z_][\w]*\.)*?)layers\.(?P<idx>\d+)\.(?P<rest>.+)$")
+_LAYER_KEY = re.compile(
+    r"^(?P<pre>(?:[A-Za-z_][\w]*\.)*?(?:layers|h|blocks)\.)(?P<idx>\d+)\.(?P<rest>.+)$")
 
 
 def split_layer_key(key: str) -> tuple[str, int, str] | None:
-    """``model.layers.12.mlp.experts.3.w1`` -> ("model.", 12, "mlp.experts.3.w1").
+    """``model.layers.12.mlp.experts.3.w1`` -> ("model.layers.", 12, "mlp.experts.3.w1").
 
     Only the first ``layers.<n>`` is a layer index; expert indices further right are never touched
     (renaming by string replacement is how MoE checkpoints get corrupted).
@@ -257,14 +276,14 @@ def plan_keys(keys, placement: Placement, family: Family) -> list[KeyPlan]:
         if parts and parts[0] == prefix:
             _, i, rest = parts
             by_layer.setdefault(i, []).append((k, rest))
-            out.append(KeyPlan(f"{prefix}layers.{o2e[i]}.{rest}", k))
+            out.append(KeyPlan(f"{prefix}{o2e[i]}.{rest}", k))
         else:
             out.append(KeyPlan(k, k))
     for j, s in placement.new_sources().items():
         rests = [rest for _, rest in by_layer[s]]
         zero = set(writer_param_names(rests, family))
         for k, rest in by_layer[s]:
-            out.append(KeyPlan(f"{prefix}layers.{j}.{rest}", k, rest in zero, j))
+            out.append(KeyPlan(f"{prefix}{j}.{rest}", k, rest in zero, j))
     return out
 
 

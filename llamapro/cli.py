@@ -1,0 +1,176 @@
+"""`llamapro <verb>`: the command line. Each verb calls the same library function as jobs/.
+
+Exit codes: 0 success; 1 unexpected error; 2 bad input (config, arguments, checkpoint);
+3 identity proof failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_IDENTITY = 0, 1, 2, 3
+
+
+def _positions(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--positions takes comma-separated integers (indices of the new blocks in the "
+            f"expanded model), got {s!r}") from None
+
+
+def _writers(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def cmd_expand(a) -> int:
+    from . import steps
+
+    meta = steps.expand(a.base, a.out, blocks=a.blocks, strategy=a.strategy, positions=a.positions,
+                        residual_writers=a.residual_writers, verify=not a.no_verify, force=a.force,
+                        trust_remote_code=a.trust_remote_code, progress=not a.quiet)
+    print(steps.dumps(meta) if a.json else f"expanded -> {a.out}\n{steps.summary(meta)}")
+    return EXIT_OK
+
+
+def cmd_verify(a) -> int:
+    from . import steps
+
+    try:
+        meta = steps.verify_checkpoint(a.checkpoint, base=a.base, max_new_tokens=a.max_new_tokens,
+                                       trust_remote_code=a.trust_remote_code)
+    except steps.IdentityError as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return EXIT_IDENTITY
+    print(steps.dumps(meta["verification"]) if a.json else steps.summary(meta))
+    return EXIT_OK
+
+
+def cmd_strip(a) -> int:
+    from . import steps
+
+    res = steps.strip(a.checkpoint, a.out, force=a.force, progress=not a.quiet)
+    if a.json:
+        print(steps.dumps(res))
+    else:
+        print(f"stripped layers {res['removed_layers']} -> {a.out}")
+        print("tensors and config equal the recorded base bit for bit" if res["equals_base"] else
+              "the result differs from the recorded base (the original layers were trained, or "
+              "the base was modified): it has the base's architecture, not its exact weights")
+    return EXIT_OK
+
+
+def cmd_demo_model(a) -> int:
+    from .demo import ensure_demo_model
+
+    print(ensure_demo_model())
+    return EXIT_OK
+
+
+def cmd_run(a) -> int:
+    """The main job on the embedded default. Today: prepare the demo model, expand it, prove it."""
+    from . import steps
+    from .config import load_config
+    from .demo import resolve_model
+
+    cfg = load_config(a.config, a.overrides)
+    out = f"{cfg.run.run_dir()}/expanded"
+    print(f"[1/2] base model: {cfg.model.base}", flush=True)
+    base = resolve_model(cfg.model.base)
+    print(f"[2/2] expand {cfg.expand.blocks} blocks ({cfg.expand.strategy}) and prove identity -> {out}",
+          flush=True)
+    meta = steps.expand(base, out, blocks=cfg.expand.blocks, strategy=cfg.expand.strategy,
+                        positions=cfg.expand.positions or None,
+                        residual_writers=cfg.expand.residual_writers or None,
+                        verify=cfg.expand.verify, force=True,
+                        trust_remote_code=cfg.model.trust_remote_code, progress=not a.quiet)
+    print(steps.summary(meta))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llamapro", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("expand", help="insert identity blocks into a model and prove identity")
+    e.add_argument("base", help="HF model directory, hub id, or demo:smollm2-135m-instruct")
+    e.add_argument("out", help="output directory (must not exist unless --force)")
+    e.add_argument("--blocks", type=int, help="number of new blocks (N >= 1)")
+    g = e.add_mutually_exclusive_group()
+    g.add_argument("--strategy", default="even", choices=["even", "top", "bottom", "middle"])
+    g.add_argument("--positions", type=_positions,
+                   help="comma-separated indices of the new blocks in the expanded model")
+    e.add_argument("--residual-writers", type=_writers,
+                   help="for an unlisted family: module paths that write into the residual stream")
+    e.add_argument("--no-verify", action="store_true", help="skip the numerical proof")
+    e.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    e.add_argument("--trust-remote-code", action="store_true")
+    e.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(fn=cmd_expand)
+
+    v = sub.add_parser("verify", help="prove an expanded checkpoint computes what its base computed")
+    v.add_argument("checkpoint")
+    v.add_argument("--base", help="base model (default: the recorded base, else new blocks skipped)")
+    v.add_argument("--max-new-tokens", type=int, default=16)
+    v.add_argument("--trust-remote-code", action="store_true")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("strip", help="remove the new blocks again (rollback to the base)")
+    s.add_argument("checkpoint")
+    s.add_argument("out")
+    s.add_argument("--force", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(fn=cmd_strip)
+
+    d = sub.add_parser("demo-model", help="convert the bundled SmolLM2 GGUF to a cached HF directory")
+    d.set_defaults(fn=cmd_demo_model)
+
+    r = sub.add_parser("run", help="run the pipeline of a config (the main job)")
+    r.add_argument("--config", default=None, help="YAML config (default: built-in demo)")
+    r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. expand.blocks=4")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.set_defaults(fn=cmd_run)
+
+    try:  # the data commands live beside the data pipeline
+        from .data_cli import add_data_commands
+    except ImportError:
+        pass
+    else:
+        add_data_commands(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .families import UnsupportedModelError
+    from .strategies import PlacementError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, PlacementError, CheckpointError, UnsupportedModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted; no partial output was left in place", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if type(e).__name__ == "IdentityError":
+            print(f"FAILED: {e}", file=sys.stderr)
+            return EXIT_IDENTITY
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

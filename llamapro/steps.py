@@ -1,0 +1,244 @@
+"""The expansion steps as functions: what `llamapro expand / verify / strip` and `jobs/` call.
+
+expand = plan placement -> stream tensors to disk -> check the new config builds exactly the tensors
+written -> read back the zeroed writers -> prove identity numerically (logits and greedy generation
+with a KV cache against the base). Every number lands in the checkpoint's ``llamapro.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from .checkpoint import (
+    CheckpointError,
+    check_new_blocks_zero,
+    read_config,
+    require_metadata,
+    stream_expand,
+    stream_strip,
+    tensor_table,
+    write_metadata,
+)
+from .families import family_for, num_layers_of
+from .strategies import plan
+
+log = logging.getLogger(__name__)
+
+# Real prompts of different kinds; the chat template is applied when the tokenizer has one.
+DEFAULT_PROMPTS = (
+    "What is the capital of France?",
+    "Write a Python function that returns the factorial of n.",
+    "Explain in one sentence why the sky is blue.",
+    "Translate to French: The weather is nice today.",
+)
+
+
+class IdentityError(RuntimeError):
+    """The expanded model does not compute what the base computed."""
+
+
+def resolve_local(model: str) -> Path:
+    """A base given as the demo alias, a local directory, or a hub id (downloaded when reachable)."""
+    from .demo import resolve_model
+
+    ref = resolve_model(model)
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{ref} is a file; give the model's directory")
+    if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.txt",
+                                                               "*.model", "*.jinja", "*.tiktoken"]))
+        except Exception as e:  # offline, unknown repo, gated ...
+            raise CheckpointError(f"{ref!r} is not a local directory and could not be fetched from "
+                                  f"the hub ({type(e).__name__}: {e})") from e
+    raise CheckpointError(f"model path {ref!r} does not exist")
+
+
+def check_structure(model_dir: Path, base_dir: Path, new_sources: dict,
+                    trust_remote_code: bool = False) -> dict:
+    """Build base and expanded models from their configs on the meta device (no memory, any size)
+    and check that every layer of the expanded model has exactly the parameter names and shapes of
+    the base layer it came from. Catches a per-layer config rule we did not rewrite (a new block
+    whose MLP kind or attention shape the config would change), which no key mapping can see."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .expansion import find_layers
+
+    def layer_shapes(d):
+        cfg = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            m = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+        return [{n: tuple(p.shape) for n, p in l.named_parameters()} for l in find_layers(m)[1]]
+
+    base, exp = layer_shapes(base_dir), layer_shapes(model_dir)
+    sources = {int(k): v for k, v in new_sources.items()}
+    o = 0
+    for i, shapes in enumerate(exp):
+        src = sources.get(i)
+        if src is None:
+            src, o = o, o + 1
+        if shapes != base[src]:
+            diff = sorted(set(shapes.items()) ^ set(base[src].items()))[:4]
+            raise CheckpointError(
+                f"{model_dir}: with the expanded config, layer {i} would not have the structure of "
+                f"base layer {src} (differences: {diff}). The model has a per-layer config rule "
+                "llamapro does not rewrite; please report it."
+            )
+    return {"layers_checked": len(exp), "ok": True}
+
+
+def expand(base: str, out: str, blocks: int | None = None, strategy: str | None = "even",
+           positions=None, residual_writers=None, verify: bool = True, force: bool = False,
+           trust_remote_code: bool = False, progress: bool = True, verify_max_gb: float = 16.0) -> dict:
+    """Expand ``base`` into ``out`` and prove it. Returns the metadata."""
+    t0 = time.perf_counter()
+    base_dir = resolve_local(base)
+    config = read_config(base_dir)
+    family = family_for(config.get("model_type", "?"), residual_writers or None)
+    placement = plan(num_layers_of(config), blocks, strategy, positions)
+    meta = stream_expand(base_dir, Path(out), placement, family, force=force, progress=progress,
+                         base_ref=str(base_dir))
+    out_dir = Path(out)
+    meta["structure_check"] = check_structure(out_dir, base_dir, meta["new_layer_sources"],
+                                              trust_remote_code)
+    meta["zero_bytes_checked"] = check_new_blocks_zero(out_dir, meta)
+    meta["expand_seconds"] = round(time.perf_counter() - t0, 3)
+    write_metadata(out_dir, meta)
+    size_gb = sum(t.nbytes for t in tensor_table(out_dir).values()) / 1e9
+    if verify and size_gb <= verify_max_gb:
+        meta = verify_checkpoint(out, base=str(base_dir), trust_remote_code=trust_remote_code)
+    elif verify:
+        log.warning("skipping the numerical proof: %.1f GB exceeds verify_max_gb=%.1f; run "
+                    "`llamapro verify %s` on a machine that can hold the model", size_gb, verify_max_gb, out)
+    return meta
+
+
+def _load(model_dir, trust_remote_code: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                trust_remote_code=trust_remote_code).eval()
+
+
+def _prompt_batches(model_dir: Path, prompts, vocab: int):
+    """Token id tensors for each prompt (chat template when the tokenizer has one); random ids
+    when the checkpoint has no tokenizer (tiny test models)."""
+    import torch
+
+    tok = None
+    if any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model",
+                                                     "tokenizer_config.json", "vocab.json")):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    if tok is None:
+        g = torch.Generator().manual_seed(0)
+        return [torch.randint(0, vocab, (1, 16), generator=g) for _ in range(len(prompts))], None
+    for p in prompts:
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tok(p, return_tensors="pt")["input_ids"]
+        out.append(ids)
+    return out, tok
+
+
+def verify_checkpoint(expanded: str, base: str | None = None, prompts=DEFAULT_PROMPTS,
+                      max_new_tokens: int = 16, tolerance: float = 1e-5,
+                      trust_remote_code: bool = False) -> dict:
+    """Prove that the expanded checkpoint computes what its base computed; record the numbers.
+
+    Reference: ``base`` if given, else the recorded base path if it still exists, else the expanded
+    model itself with its new blocks skipped (which holds the base's tensors). Raises
+    :class:`IdentityError` if identity fails (after recording the failure).
+    """
+    import torch
+
+    from .expansion import check_identity
+
+    exp_dir = Path(expanded)
+    meta = require_metadata(exp_dir)
+    new_idx = meta["new_layer_indices"]
+    ref = base or (meta.get("base") or {}).get("path")
+    base_dir = None
+    if ref:
+        try:
+            base_dir = resolve_local(ref)
+        except CheckpointError:
+            base_dir = None
+    model = _load(exp_dir, trust_remote_code)
+    base_model = _load(base_dir, trust_remote_code) if base_dir else None
+    batches, tok = _prompt_batches(exp_dir, prompts, model.config.vocab_size)
+    worst, bit, gen_ok, toks, gen_toks, samples = 0.0, True, True, 0, 0, []
+    for ids in batches:
+        rep = check_identity(model, new_idx, base=base_model, input_ids=ids,
+                             max_new_tokens=max_new_tokens, tolerance=tolerance)
+        worst = max(worst, rep.max_abs_logit_diff)
+        bit &= rep.bit_identical
+        gen_ok &= rep.generation_equal
+        toks += rep.tokens_compared
+        gen_toks += rep.generated_tokens
+        if tok is not None and len(samples) < 2:
+            with torch.no_grad():
+                g = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False)
+            samples.append(tok.decode(g[0, ids.shape[1]:], skip_special_tokens=True))
+    result = {
+        "ok": worst <= tolerance and gen_ok,
+        "reference": str(base_dir) if base_dir else "expanded model with new blocks skipped",
+        "max_abs_logit_diff": worst,
+        "bit_identical_logits": bit,
+        "greedy_generation_equal": gen_ok,
+        "prompts": len(batches),
+        "prompt_tokens": toks,
+        "generated_tokens_per_prompt": max_new_tokens,
+        "tolerance": tolerance,
+        "sample_generations": samples,
+        "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    meta["verification"] = result
+    write_metadata(exp_dir, meta)
+    if not result["ok"]:
+        raise IdentityError(
+            f"{exp_dir} is NOT an identity of its base: max |dlogits| = {worst:.3g} "
+            f"(tolerance {tolerance}), greedy generation equal: {gen_ok}"
+        )
+    return meta
+
+
+def strip(expanded: str, out: str, force: bool = False, progress: bool = True) -> dict:
+    return stream_strip(Path(expanded), Path(out), force=force, progress=progress)
+
+
+def summary(meta: dict) -> str:
+    v = meta.get("verification") or {}
+    lines = [
+        f"base         {meta['base']['path']} ({meta['base']['model_type']}, {meta['num_original_layers']} layers)",
+        f"strategy     {meta['strategy']}: {meta['num_new_layers']} new blocks -> {meta['num_layers']} layers",
+        f"new layers   {meta['new_layer_indices']}",
+        f"zeroed       {', '.join(meta['zeroed_in_new_blocks'])}",
+        f"config       {', '.join(meta['config_keys_changed'])} updated",
+    ]
+    if v:
+        lines.append(
+            f"identity     {'PROVEN' if v['ok'] else 'FAILED'}: max |dlogits| = {v['max_abs_logit_diff']:.3g} "
+            f"({'bit-identical' if v['bit_identical_logits'] else 'not bit-identical'}) over "
+            f"{v['prompt_tokens']} prompt tokens; greedy generation with KV cache "
+            f"{'identical' if v['greedy_generation_equal'] else 'DIFFERS'} on {v['prompts']} prompts"
+        )
+    return "\n".join(lines)
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,124 @@
+"""Every supported family expands into an exact identity, in memory and on disk."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from llamapro import steps
+from llamapro.checkpoint import METADATA_FILE, content_digest, fingerprint
+from llamapro.expansion import check_identity, expand_model, find_layers, skip_layers
+from llamapro.strategies import plan
+from tests.tiny_models import FAMILY_CONFIGS, REQUIRED_FAMILIES, tiny_model
+
+CASES = [("even", 2), ("even", 3), ("top", 1), ("bottom", 2), ("middle", 5)]
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+@pytest.mark.parametrize("strategy,n", CASES)
+def test_in_memory_expansion_is_identity(family, strategy, n):
+    base = tiny_model(family)
+    model = copy.deepcopy(base)
+    p = plan(4, n, strategy)
+    res = expand_model(model, p)
+    assert model.config.num_hidden_layers == 4 + n
+    _, layers = find_layers(model)
+    assert len(layers) == 4 + n
+    for i, layer in enumerate(layers):  # KV-cache slots renumbered
+        assert all(m.layer_idx == i for m in layer.modules() if hasattr(m, "layer_idx"))
+    for key in ("layer_types", "mlp_only_layers"):
+        val = getattr(model.config, key, None)
+        if key == "layer_types" and isinstance(val, list):
+            assert len(val) == 4 + n
+            src = p.source_of()
+            assert val == [base.config.layer_types[s] for s in src]
+    rep = check_identity(model, p.new_indices, base=base, max_new_tokens=6)
+    assert rep.max_abs_logit_diff <= 1e-5 and rep.generation_equal, (family, rep)
+    assert rep.bit_identical
+    # the zeroed writers really are zero, and everything else in a new block is a copy
+    for j, s in p.new_sources().items():
+        new, src = dict(layers[j].named_parameters()), dict(base.get_submodule(find_layers(base)[0])[s].named_parameters())
+        assert res.zeroed[j]
+        for name in res.zeroed[j]:
+            assert torch.count_nonzero(new[name]) == 0
+        for name in set(new) - set(res.zeroed[j]):
+            assert torch.equal(new[name], src[name])
+
+
+def test_skip_layers_restores_the_model():
+    base = tiny_model("qwen2")
+    model = copy.deepcopy(base)
+    p = plan(4, 2, "even")
+    expand_model(model, p)
+    ids = torch.randint(0, 128, (1, 9))
+    with skip_layers(model, p.new_indices) as m:
+        assert m.config.num_hidden_layers == 4 and len(m.config.layer_types) == 4
+        assert torch.equal(m(ids).logits, base(ids).logits)
+    assert model.config.num_hidden_layers == 6 and len(find_layers(model)[1]) == 6
+
+
+@pytest.mark.parametrize("family", REQUIRED_FAMILIES + ["qwen3_moe", "starcoder2", "phi", "gpt_neox"])
+def test_streaming_equals_in_memory_and_strip_round_trips(family, tmp_path):
+    base = tiny_model(family)
+    base.save_pretrained(tmp_path / "base")
+    meta = steps.expand(str(tmp_path / "base"), str(tmp_path / "out"), blocks=3, strategy="even",
+                        progress=False)
+    # metadata: which layers are new, where they came from, the proof
+    on_disk = json.loads((tmp_path / "out" / METADATA_FILE).read_text())
+    assert on_disk == json.loads(json.dumps(meta))
+    assert meta["new_layer_indices"] == [2, 4, 6] and meta["num_layers"] == 7
+    assert meta["new_layer_sources"] == {"2": 1, "4": 2, "6": 3}
+    assert meta["base"]["fingerprint"] == fingerprint(tmp_path / "base")
+    assert meta["verification"]["ok"] and meta["verification"]["bit_identical_logits"]
+    assert meta["structure_check"]["ok"] and meta["zero_bytes_checked"] > 0
+    # the in-memory module path gives byte-identical tensors
+    mem = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    expand_model(mem, plan(4, 3, "even"))
+    mem.save_pretrained(tmp_path / "mem")
+    a, b = {}, {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        a.update(load_file(f))
+    for f in (tmp_path / "mem").glob("*.safetensors"):
+        b.update(load_file(f))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+        assert a[k].contiguous().view(torch.uint8).equal(b[k].contiguous().view(torch.uint8)), k
+    # plain transformers loads it; per-layer config lists match
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 7
+    if "layer_types" in cfg:
+        assert len(cfg["layer_types"]) == 7
+    # rollback: strip gives the base's tensors and config back bit for bit
+    res = steps.strip(str(tmp_path / "out"), str(tmp_path / "strip"), progress=False)
+    assert res["equals_base"]
+    assert content_digest(tmp_path / "strip") == content_digest(tmp_path / "base")
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    base = tiny_model("gemma2")  # ties embeddings
+    assert base.config.tie_word_embeddings
+    base.save_pretrained(tmp_path / "base")
+    steps.expand(str(tmp_path / "base"), str(tmp_path / "out"), blocks=1, strategy="top", progress=False)
+    sd = load_file(tmp_path / "out" / "model.safetensors")
+    assert "lm_head.weight" not in sd
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+
+
+def test_sharded_checkpoint_streams_shard_by_shard(tmp_path):
+    base = tiny_model("llama", num_layers=6)
+    base.save_pretrained(tmp_path / "base", max_shard_size="40KB")
+    shards = sorted(p.name for p in (tmp_path / "base").glob("*.safetensors"))
+    assert len(shards) > 2
+    meta = steps.expand(str(tmp_path / "base"), str(tmp_path / "out"), blocks=2,
+                        positions=[0, 7], progress=False)
+    assert meta["strategy"] == "explicit" and meta["verification"]["ok"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == shards
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert "model.layers.7.mlp.down_proj.weight" in index["weight_map"]
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert m.config.num_hidden_layers == 8
