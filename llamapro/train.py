@@ -1,0 +1,513 @@
+"""Ray Train + DeepSpeed on only the inserted blocks, with staged unfreezing.
+
+Reads top to bottom: the driver (``run_training``) builds a ``TorchTrainer``; each worker
+(``train_loop``) loads the expanded checkpoint, and for each stage of the schedule marks the
+stage's parameters trainable (read from the checkpoint's metadata, never guessed from a stride),
+hands DeepSpeed only those, trains its share of the budget with held-out evaluation and early
+stopping, checkpoints, and finally rank 0 writes a standard HF checkpoint.
+
+This is the only module that imports ``ray.train`` and ``deepspeed``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import METADATA_FILE, METADATA_VERSION, atomic_dir, copy_side_files, read_metadata
+from .config import from_dict
+from .stages import allocate, build_stages
+from .train_config import TrainConfig
+
+STATE_FILE = "trainer_state.json"
+TRAINED_FILE = "trained.safetensors"
+
+
+# --- pure helpers (no distribution) ---------------------------------------------------------------
+
+def layer_prefix(model) -> str:
+    from .expansion import find_layers
+
+    return find_layers(model)[0] + "."
+
+
+def _module_matches(rest: str, modules: list[str]) -> bool:
+    if "all" in modules:
+        return True
+    for m in modules:
+        if m == "attn" and rest.split(".")[0] in ("self_attn", "attention", "attn"):
+            return True
+        if m == "mlp" and rest.split(".")[0] in ("mlp", "block_sparse_moe", "feed_forward"):
+            return True
+        if rest == m or rest.startswith(m + "."):
+            return True
+    return False
+
+
+def select_parameters(model, tc: TrainConfig, new_layers, stage=None) -> list[dict]:
+    """Set ``requires_grad`` for this mode/stage and return optimizer param groups.
+
+    Every group has ``lr`` (its peak) and ``name``. Everything not returned is frozen, so autograd
+    keeps no weight gradients and DeepSpeed no optimizer state for it.
+    """
+    prefix = layer_prefix(model)
+    n_layers = model.config.num_hidden_layers
+    groups: dict[str, dict] = {}
+
+    def add(key, lr, p):
+        p.requires_grad_(True)
+        groups.setdefault(key, {"name": key, "lr": lr, "params": []})["params"].append(p)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = any("lora_" in n for n, _ in model.named_parameters())
+    for name, p in model.named_parameters():
+        clean = name.replace("base_model.model.", "")
+        layer, rest = None, clean
+        if clean.startswith(prefix):
+            idx, _, rest = clean[len(prefix):].partition(".")
+            layer = int(idx)
+        if lora:  # peft marks what trains; keep exactly the adapters
+            if "lora_" in name:
+                add("lora", tc.lr, p)
+            continue
+        if tc.mode == "full":
+            add("all", tc.lr, p)
+            continue
+        if tc.mode == "freeze_last_n":
+            if layer is not None and layer >= n_layers - tc.freeze_last_n:
+                add("last_n", tc.lr, p)
+            continue
+        # mode llamapro
+        if layer is not None and stage is not None and layer in stage.layers:
+            if _module_matches(rest, tc.trainable_modules):
+                s = stage.lr_scale.get(layer, 1.0)
+                add(f"new_x{s:g}", tc.lr * s, p)
+            continue
+        if layer is not None and layer not in set(new_layers):
+            if tc.original_lr > 0 and (stage is None or stage.train_originals or tc.final_originals_ratio == 0):
+                add("originals", tc.original_lr, p)
+            continue
+        if layer is None:
+            is_norm = "norm" in clean
+            is_emb = "embed" in clean or (clean.startswith("lm_head") and model.config.tie_word_embeddings)
+            if (is_norm and tc.train_norms) or (is_emb and tc.train_embeddings) or \
+               (clean.startswith("lm_head") and tc.train_lm_head):
+                add("extra", tc.lr, p)
+    return list(groups.values())
+
+
+def build_ds_config(tc: TrainConfig, bf16: bool) -> dict:
+    """The DeepSpeed config as a pure function of the typed config; a user's JSON overrides it."""
+    cfg = {
+        "train_micro_batch_size_per_gpu": tc.micro_batch_size,
+        "gradient_accumulation_steps": tc.grad_accum,
+        "gradient_clipping": tc.max_grad_norm,
+        "zero_optimization": {"stage": tc.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if tc.zero_stage in (1, 2):
+        cfg["zero_optimization"].update({"overlap_comm": False, "contiguous_gradients": True,
+                                         "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7})
+    if tc.deepspeed_config:
+        user = json.loads(Path(tc.deepspeed_config).read_text())
+        _deep_update(cfg, user)
+    return cfg
+
+
+def _deep_update(a: dict, b: dict) -> None:
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(a.get(k), dict):
+            _deep_update(a[k], v)
+        else:
+            a[k] = v
+
+
+def lr_lambda(steps: int, warmup_ratio: float, min_ratio: float):
+    warm = int(steps * warmup_ratio)
+
+    def f(step):
+        if warm and step < warm:
+            return (step + 1) / warm
+        prog = (step - warm) / max(1, steps - warm)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+
+    return f
+
+
+def masked_ce_sum(logits, labels) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labelled positions, and their count."""
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    mask = labels != -100
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp_min(0),
+                           reduction="none")
+    return (loss * mask.reshape(-1)).sum(), int(mask.sum())
+
+
+def kl_to_teacher(student_logits, teacher_logits, labels, temperature: float) -> torch.Tensor:
+    mask = (labels[:, 1:] != -100).reshape(-1)
+    s = F.log_softmax(student_logits[:, :-1].float() / temperature, -1).reshape(-1, student_logits.shape[-1])
+    t = F.log_softmax(teacher_logits[:, :-1].float() / temperature, -1).reshape(-1, teacher_logits.shape[-1])
+    kl = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp_min(1) * temperature**2
+
+
+# --- the worker -----------------------------------------------------------------------------------
+
+def _load_model(model_dir: str, dtype, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                trust_remote_code=trust_remote_code)
+
+
+def _overlay(model, trained: dict) -> None:
+    if not trained:
+        return
+    sd = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in trained.items():
+            sd[k].copy_(v.to(sd[k].dtype))
+
+
+def _gather_trainable(engine, zero_stage: int) -> dict:
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().cpu().clone() for n, p in named}
+    return {n: p.detach().cpu().clone() for n, p in named}
+
+
+def _optimizer_state_numel(optimizer) -> int:
+    """Elements of optimizer state (Adam moments) summed over all ranks: with only the new blocks
+    handed to DeepSpeed this is 2 x their parameter count, whatever the ZeRO partitioning."""
+    import torch.distributed as dist
+
+    base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the client optimizer
+    n = 0
+    for st in base.state.values():
+        for v in st.values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                n += v.numel()
+    t = torch.tensor([n], dtype=torch.float64)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+class _Batches:
+    """Endless micro-batches from this worker's shard (each pass re-runs the Ray Data stream)."""
+
+    def __init__(self, shard, mbs: int):
+        self.shard, self.mbs, self.it, self.epoch = shard, mbs, None, 0
+
+    def next(self):
+        while True:
+            if self.it is None:
+                self.it = iter(self.shard.iter_torch_batches(
+                    batch_size=self.mbs, drop_last=True,
+                    dtypes={"input_ids": torch.long, "labels": torch.long}))
+            try:
+                b = next(self.it)
+                return b["input_ids"], b["labels"]
+            except StopIteration:
+                self.it, self.epoch = None, self.epoch + 1
+                if self.epoch > 10_000:
+                    raise RuntimeError("the training stream yields no full batch")
+
+
+def train_loop(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+
+    from .expansion import skip_layers
+
+    tc = from_dict(TrainConfig, config["train"], "train")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, tc.cpus_per_worker))
+    torch.manual_seed(config["seed"] + rank)
+    use_cuda = tc.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", ctx.get_local_rank()) if use_cuda else torch.device("cpu")
+    bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and use_cuda)
+    model_dir, out_dir = config["model_dir"], Path(config["out_dir"])
+    new_layers = config["new_layers"]
+    seq_len = config["seq_len"]
+
+    stages = allocate(build_stages(new_layers or [0], tc.num_stages, tc.stage_ratios, tc.top_lr_scale,
+                                   tc.cumulative, tc.final_originals_ratio)
+                      if tc.mode == "llamapro" else build_stages([0]), tc.total_steps(seq_len))
+    state = {"stage": 0, "step_in_stage": 0, "global_step": 0, "tokens": 0, "ds_valid": False,
+             "best_eval": None, "bad_evals": 0, "early_stopped": [], "elapsed": 0.0}
+    trained: dict = {}
+    resume_dir = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        resume_dir = Path(tempfile.mkdtemp(prefix="llamapro-resume-"))
+        ckpt.to_directory(str(resume_dir))
+        state = json.loads((resume_dir / STATE_FILE).read_text())
+        if (resume_dir / TRAINED_FILE).is_file():
+            trained = load_file(resume_dir / TRAINED_FILE)
+        if rank == 0:
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"event": "resume", "step": state["global_step"],
+                                    "stage": state["stage"]}) + "\n")
+            print(f"[llamapro] resuming at stage {state['stage']} step {state['step_in_stage']} "
+                  f"(global step {state['global_step']})", flush=True)
+
+    # lets an operator (or a test) find and kill a worker process
+    (out_dir / f"worker-{rank}.pid").write_text(str(os.getpid()))
+    eval_sets = {k: (np.asarray(v["input_ids"]), np.asarray(v["labels"])) for k, v in config["eval_sets"].items()}
+    primary = config.get("early_stop_on") or (next(iter(eval_sets)) if eval_sets else None)
+    batches = _Batches(ray.train.get_dataset_shard("train"), tc.micro_batch_size)
+    metrics_path = out_dir / "metrics.jsonl"
+    tokens_per_step = tc.micro_batch_size * tc.grad_accum * world * seq_len
+    engine = None
+
+    def log(rec):
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def evaluate(engine) -> dict:
+        engine.module.eval()
+        out = {}
+        with torch.no_grad():
+            for name, (ids, labels) in eval_sets.items():
+                per = len(ids) // world
+                rows = slice(rank * per, rank * per + min(per, tc.eval_batches * tc.micro_batch_size))
+                tot = torch.zeros(2, dtype=torch.float64)
+                x, y = torch.as_tensor(ids[rows]), torch.as_tensor(labels[rows])
+                for i in range(0, len(x), tc.micro_batch_size):
+                    logits = engine(input_ids=x[i:i + tc.micro_batch_size].to(device)).logits
+                    s, n = masked_ce_sum(logits, y[i:i + tc.micro_batch_size].to(device))
+                    tot += torch.tensor([s.item(), n], dtype=torch.float64)
+                dist.all_reduce(tot)
+                out[name] = (tot[0] / tot[1].clamp_min(1)).item()
+        engine.module.train()
+        return out
+
+    def save(engine, metrics: dict, ds_valid: bool):
+        d = Path(tempfile.mkdtemp(prefix="llamapro-ckpt-"))
+        if ds_valid:
+            engine.save_checkpoint(str(d / "ds"), tag="state", exclude_frozen_parameters=True)
+        if rank == 0:
+            st = dict(state, ds_valid=ds_valid)
+            (d / STATE_FILE).write_text(json.dumps(st))
+            if trained:
+                save_file({k: v.contiguous() for k, v in trained.items()}, str(d / TRAINED_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
+        shutil.rmtree(d, ignore_errors=True)
+
+    for k in range(state["stage"], len(stages)):
+        stage = stages[k]
+        model = _load_model(model_dir, torch.float32, config.get("trust_remote_code", False))
+        if tc.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if tc.mode == "lora" or tc.lora_new_blocks:
+            from peft import LoraConfig, get_peft_model
+
+            lkw = dict(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
+                       target_modules=tc.lora.target_modules, task_type="CAUSAL_LM")
+            if tc.lora_new_blocks:
+                lkw.update(layers_to_transform=list(stage.layers), layers_pattern="layers")
+            model = get_peft_model(model, LoraConfig(**lkw))
+            _overlay(model, {("base_model.model." + n if not n.startswith("base_model") else n): v
+                             for n, v in trained.items()} if trained else {})
+        else:
+            _overlay(model, trained)
+        groups = select_parameters(model, tc, new_layers, stage if tc.mode == "llamapro" else None)
+        n_train = sum(p.numel() for g in groups for p in g["params"])
+        n_all = sum(p.numel() for p in model.parameters())
+        for g in groups:
+            g["initial_lr"] = g["lr"]
+        optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(stage.steps, tc.warmup_ratio, tc.min_lr_ratio))
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=build_ds_config(tc, bf16), dist_init_required=False)
+        if resume_dir is not None and state["ds_valid"] and state["stage"] == k:
+            engine.load_checkpoint(str(resume_dir / "ds"), tag="state", load_module_strict=False)
+        if rank == 0:
+            print(f"[llamapro] stage {k + 1}/{len(stages)} {stage.name}: layers {stage.layers if tc.mode == 'llamapro' else tc.mode} "
+                  f"trainable {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M params, {stage.steps} steps, "
+                  f"ZeRO-{tc.zero_stage}", flush=True)
+        log({"event": "stage_start", "stage": k, "name": stage.name, "layers": stage.layers,
+             "steps": stage.steps, "trainable_params": n_train, "total_params": n_all,
+             "optimizer_groups": {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}})
+        engine.train()
+        stopped, metrics = False, {"step": state["global_step"], "stage": k}
+        while state["step_in_stage"] < stage.steps and not stopped:
+            t0 = time.perf_counter()
+            loss_acc, kl_acc = 0.0, 0.0
+            for _ in range(tc.grad_accum):
+                x, y = batches.next()
+                x, y = x.to(device), y.to(device)
+                out = engine(input_ids=x)
+                s, n = masked_ce_sum(out.logits, y)
+                loss = s / max(1, n)
+                if tc.distill_weight > 0:
+                    with torch.no_grad(), skip_layers(engine.module, new_layers):
+                        teacher = engine.module(input_ids=x).logits
+                    kl = kl_to_teacher(out.logits, teacher, y, tc.distill_temperature)
+                    loss = loss + tc.distill_weight * kl
+                    kl_acc += kl.item() / tc.grad_accum
+                engine.backward(loss)
+                engine.step()
+                loss_acc += loss.item() / tc.grad_accum
+            dt = time.perf_counter() - t0
+            if state["step_in_stage"] == 0:
+                log({"event": "optimizer_state", "stage": k,
+                     "numel": _optimizer_state_numel(optimizer), "trainable_params": n_train})
+            state["step_in_stage"] += 1
+            state["global_step"] += 1
+            state["tokens"] += tokens_per_step
+            state["elapsed"] += dt
+            lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(getattr(optimizer, "param_groups", []))}
+            rec = {"event": "step", "step": state["global_step"], "stage": k, "loss": loss_acc,
+                   "tokens": state["tokens"], "tokens_per_s": tokens_per_step / dt, "step_s": dt, "lr": lrs}
+            if tc.distill_weight > 0:
+                rec["kl"] = kl_acc
+            log(rec)
+            if rank == 0:
+                print(f"[llamapro] step {state['global_step']:>4} stage {k} loss {loss_acc:.4f} "
+                      f"{tokens_per_step / dt:,.0f} tok/s", flush=True)
+            end_of_stage = state["step_in_stage"] >= stage.steps
+            metrics = {"step": state["global_step"], "stage": k, "loss": loss_acc, "tokens": state["tokens"]}
+            if eval_sets and (state["global_step"] % tc.eval_every == 0 or end_of_stage):
+                ev = evaluate(engine)
+                metrics.update({f"eval_loss/{n}": v for n, v in ev.items()})
+                log({"event": "eval", "step": state["global_step"], "stage": k, "eval_loss": ev})
+                if rank == 0:
+                    print(f"[llamapro] eval step {state['global_step']}: " +
+                          ", ".join(f"{n} {v:.4f}" for n, v in ev.items()), flush=True)
+                cur = ev.get(primary)
+                if cur is not None:
+                    if state["best_eval"] is None or cur < state["best_eval"] - 1e-4:
+                        state["best_eval"], state["bad_evals"] = cur, 0
+                    else:
+                        state["bad_evals"] += 1
+                        if tc.patience and state["bad_evals"] >= tc.patience and not end_of_stage:
+                            stopped = True
+                            state["early_stopped"].append(k)
+                            log({"event": "early_stop", "step": state["global_step"], "stage": k})
+                            if rank == 0:
+                                print(f"[llamapro] early stop of stage {k}: {primary} held-out loss "
+                                      f"did not improve for {tc.patience} evaluations", flush=True)
+            if state["global_step"] % tc.checkpoint_every == 0 and not (end_of_stage or stopped):
+                save(engine, metrics, ds_valid=True)
+        # stage end: carry the trained weights to the next stage
+        current = _gather_trainable(engine, tc.zero_stage)
+        if not (tc.mode == "lora" or tc.lora_new_blocks):
+            trained.update({n.replace("base_model.model.", ""): v for n, v in current.items()})
+        else:
+            trained.update(current)
+        state.update(stage=k + 1, step_in_stage=0, bad_evals=0, best_eval=state["best_eval"])
+        final = k == len(stages) - 1
+        save(engine, dict(metrics, stage_done=k, final=final), ds_valid=False)
+        if final and rank == 0:
+            _write_final(config, tc, trained, state, stages)
+        del engine, optimizer
+        engine = None
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+
+
+def _write_final(config: dict, tc: TrainConfig, trained: dict, state: dict, stages) -> None:
+    """Rank 0: a standard HF checkpoint of the trained model, metadata carried over."""
+    out = Path(config["out_dir"]) / "model"
+    model = _load_model(config["model_dir"], torch.float32, config.get("trust_remote_code", False))
+    if tc.mode == "lora" or tc.lora_new_blocks:
+        from peft import LoraConfig, get_peft_model
+
+        lkw = dict(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
+                   target_modules=tc.lora.target_modules, task_type="CAUSAL_LM")
+        if tc.lora_new_blocks:
+            lkw.update(layers_to_transform=sorted(config["new_layers"]), layers_pattern="layers")
+        model = get_peft_model(model, LoraConfig(**lkw))
+        _overlay(model, trained)
+        model = model.merge_and_unload()
+    else:
+        _overlay(model, trained)
+    meta = read_metadata(Path(config["model_dir"])) or {
+        "version": METADATA_VERSION, "kind": "base", "new_layer_indices": [], "num_layers":
+        model.config.num_hidden_layers}
+    meta = dict(meta)
+    meta["kind"] = "trained"
+    meta["training"] = {
+        "mode": tc.mode, "config": asdict(tc), "stages": [s.to_dict() for s in stages],
+        "steps": state["global_step"], "tokens": state["tokens"], "train_seconds": state["elapsed"],
+        "early_stopped_stages": state["early_stopped"], "best_eval_loss": state["best_eval"],
+        "originals_frozen": tc.mode == "llamapro" and tc.original_lr == 0 and not tc.train_norms
+        and not tc.train_embeddings and not tc.train_lm_head,
+        "trained_from": config["model_dir"],
+    }
+    with atomic_dir(out, force=True) as tmp:
+        model.save_pretrained(tmp)
+        copy_side_files(Path(config["model_dir"]), tmp)
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+# --- the driver -----------------------------------------------------------------------------------
+
+def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_sets: dict | None = None,
+                 seq_len: int = 256, name: str = "train", seed: int = 0, early_stop_on: str | None = None,
+                 trust_remote_code: bool = False, storage_path: str | None = None):
+    """Train and return the Ray Train ``Result``; the trained HF checkpoint lands in
+    ``out_dir/model`` and per-step metrics in ``out_dir/metrics.jsonl``.
+
+    ``eval_sets`` maps a held-out set's name to ``{"input_ids": [[...]], "labels": [[...]]}``
+    (small and fixed, so every evaluation sees the same tokens). Rerunning with the same ``name``
+    and ``storage_path`` resumes from the latest checkpoint.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    meta = read_metadata(Path(model_dir))
+    new_layers = sorted(meta["new_layer_indices"]) if meta else []
+    if tc.mode == "llamapro" and not new_layers:
+        raise ValueError(
+            f"{model_dir} records no inserted layers (no {METADATA_FILE} from `llamapro expand`); "
+            "train mode llamapro needs an expanded checkpoint, or use mode full/lora/freeze_last_n")
+    if tc.mode != "llamapro" and new_layers:
+        raise ValueError(f"mode {tc.mode} is a baseline on the unexpanded base; {model_dir} is expanded")
+    config = {"train": asdict(tc), "model_dir": str(Path(model_dir).resolve()), "out_dir": str(out),
+              "new_layers": new_layers, "seq_len": seq_len, "seed": seed,
+              "eval_sets": eval_sets or {}, "early_stop_on": early_stop_on,
+              "trust_remote_code": trust_remote_code}
+    storage = storage_path or str(out / "ray")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+            resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
+        datasets={"train": train_ds},
+    )
+    return trainer.fit()

@@ -1,0 +1,212 @@
+"""Ray Train + DeepSpeed on CPU (2 workers, gloo) training only the inserted blocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llamapro import steps
+from llamapro.train import run_training
+from llamapro.train_config import TrainConfig
+from tests.tiny_models import tiny_model
+
+pytestmark = pytest.mark.integration
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        # more logical CPUs than cores: Ray Data must not starve behind the Train workers
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def expanded(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    tiny_model("llama", num_layers=4).save_pretrained(d / "base")
+    steps.expand(str(d / "base"), str(d / "exp"), blocks=2, strategy="even", progress=False, verify=False)
+    return d
+
+
+def _rows(n, seed):
+    """Counting sequences mod a small vocabulary: learnable, so loss must fall."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        start = int(rng.integers(3, 60))
+        ids = np.array([(start + j) % 100 + 3 for j in range(SEQ)], dtype=np.int64)
+        out.append({"input_ids": ids, "labels": ids.copy()})
+    return out
+
+
+def _data(ray):
+    ds = ray.data.from_items(_rows(256, 0))
+    ev = _rows(16, 1)
+    eval_sets = {"domain": {"input_ids": [r["input_ids"].tolist() for r in ev],
+                            "labels": [r["labels"].tolist() for r in ev]}}
+    return ds, eval_sets
+
+
+def _events(out, kind):
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+def _tensors(d):
+    sd = {}
+    for f in Path(d).glob("*.safetensors"):
+        sd.update(load_file(f))
+    return sd
+
+
+def _run(ray, expanded, name, **kw):
+    ds, ev = _data(ray)
+    tc = TrainConfig(**{"max_steps": 8, "lr": 3e-3, "micro_batch_size": 4, "eval_every": 4,
+                        "checkpoint_every": 4, **kw})
+    out = expanded / name
+    res = run_training(tc, str(expanded / "exp"), str(out), ds, ev, seq_len=SEQ, name=name)
+    return out, res
+
+
+def test_staged_zero2_trains_only_new_blocks(ray_local, expanded):
+    out, res = _run(ray_local, expanded, "staged", num_stages=2, stage_ratios=[0.25, 0.75],
+                    top_lr_scale=2.0, zero_stage=2, max_steps=8)
+    assert res.error is None and res.metrics["final"]
+    # staged schedule: bottom group first, then both, with the configured budgets
+    starts = _events(out, "stage_start")
+    assert [s["layers"] for s in starts] == [[2], [2, 5]]
+    assert [s["steps"] for s in starts] == [2, 6]
+    # top group at 2x the bottom group's LR
+    groups = starts[1]["optimizer_groups"]
+    assert set(groups) == {"new_x1", "new_x2"}
+    # the optimizer holds state only for the inserted blocks: Adam's 2 moments per parameter
+    for st in _events(out, "optimizer_state"):
+        assert 2 * st["trainable_params"] <= st["numel"] <= 2 * st["trainable_params"] + 4096
+    total = starts[0]["total_params"]
+    assert starts[1]["trainable_params"] < total / 2
+    # only inserted-block parameters changed; originals bit-identical
+    before, after = _tensors(expanded / "exp"), _tensors(out / "model")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("model.layers.2.", "model.layers.5.")) for k in changed)
+    # loss falls on held-out data
+    ev = [e["eval_loss"]["domain"] for e in _events(out, "eval")]
+    assert ev[-1] < ev[0]
+    meta = json.loads((out / "model" / "llamapro.json").read_text())
+    assert meta["kind"] == "trained" and meta["training"]["originals_frozen"]
+    assert meta["new_layer_indices"] == [2, 5]
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_other_zero_stages(ray_local, expanded, zero):
+    out, res = _run(ray_local, expanded, f"zero{zero}", zero_stage=zero, max_steps=4, eval_every=2)
+    assert res.error is None
+    st = _events(out, "optimizer_state")[0]
+    assert 2 * st["trainable_params"] <= st["numel"] <= 2 * st["trainable_params"] + 4096
+    ev = [e["eval_loss"]["domain"] for e in _events(out, "eval")]
+    assert ev[-1] < ev[0]
+
+
+def test_early_stopping_and_distillation(ray_local, expanded):
+    # a vanishing LR cannot improve held-out loss: patience 1 stops the first stage early
+    out, res = _run(ray_local, expanded, "early", lr=1e-12, num_stages=2, max_steps=12,
+                    eval_every=1, patience=1, distill_weight=0.5)
+    assert res.error is None
+    stops = _events(out, "early_stop")
+    assert stops and stops[0]["stage"] == 0
+    steps_done = [e for e in _events(out, "step")]
+    assert len(steps_done) < 12
+    # distillation to the skipped-blocks base: at init the model IS the base, so KL ~ 0
+    assert all("kl" in e for e in steps_done) and abs(steps_done[0]["kl"]) < 1e-4
+
+
+def test_lora_on_new_blocks_merged(ray_local, expanded):
+    out, res = _run(ray_local, expanded, "lora", lora_new_blocks=True, zero_stage=1, max_steps=4,
+                    lr=1e-2)
+    assert res.error is None
+    st = _events(out, "stage_start")[0]
+    assert set(st["optimizer_groups"]) == {"lora"}
+    before, after = _tensors(expanded / "exp"), _tensors(out / "model")
+    assert before.keys() == after.keys()  # merged: a plain model, no adapter tensors
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("model.layers.2.", "model.layers.5.")) for k in changed)
+
+
+def _registered_steps(storage: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered (persisted in its snapshot)."""
+    snap = storage / "checkpoint_manager_snapshot.json"
+    try:
+        d = json.loads(snap.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [r["metrics"]["step"] for r in d.get("checkpoint_results", [])]
+
+
+def test_resume_after_worker_killed(ray_local, expanded):
+    out = expanded / "killed"
+    out.mkdir()
+    killed = {}
+
+    def killer():
+        # kill rank 1 once a mid-run checkpoint is registered (all ranks reported, persisted)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            reg = _registered_steps(out / "ray" / "killed")
+            if reg and (out / "worker-1.pid").exists():
+                os.kill(int((out / "worker-1.pid").read_text()), signal.SIGKILL)
+                killed["after_checkpoint"] = max(reg)
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    ds, ev = _data(ray_local)
+    tc = TrainConfig(max_steps=24, lr=3e-3, micro_batch_size=4, eval_every=100, checkpoint_every=4,
+                     max_failures=1, zero_stage=2)
+    res = run_training(tc, str(expanded / "exp"), str(out), ds, ev, seq_len=SEQ, name="killed")
+    t.join(timeout=5)
+    assert killed, "the worker was never killed"
+    assert res.error is None and res.metrics["final"]
+    resumes = _events(out, "resume")
+    assert len(resumes) == 1
+    step = resumes[0]["step"]
+    assert step >= killed["after_checkpoint"] and step % 4 == 0  # resumed from a checkpoint step
+    ran = [e["step"] for e in _events(out, "step")]
+    assert max(ran) == 24 and ran.count(1) == 1  # never restarted from scratch
+
+
+def test_baselines_full_and_freeze_last_n(ray_local, expanded):
+    ds, ev = _data(ray_local)
+    for mode, kw in (("full", {}), ("freeze_last_n", {"freeze_last_n": 1}), ("lora", {})):
+        tc = TrainConfig(mode=mode, max_steps=2, lr=1e-3, micro_batch_size=4, eval_every=2, **kw)
+        out = expanded / f"base-{mode}"
+        res = run_training(tc, str(expanded / "base"), str(out), ds, ev, seq_len=SEQ, name=f"b-{mode}")
+        assert res.error is None
+        before, after = _tensors(expanded / "base"), _tensors(out / "model")
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        if mode == "freeze_last_n":
+            assert changed and all(k.startswith("model.layers.3.") for k in changed)
+        else:
+            assert len(changed) > 10
+
+
+def test_llamapro_mode_refuses_an_unexpanded_model(ray_local, expanded):
+    ds, ev = _data(ray_local)
+    with pytest.raises(ValueError, match="records no inserted layers"):
+        run_training(TrainConfig(), str(expanded / "base"), str(expanded / "x"), ds, ev, seq_len=SEQ)
