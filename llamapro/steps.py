@@ -115,7 +115,8 @@ def expand(base: str, out: str, blocks: int | None = None, strategy: str | None 
     write_metadata(out_dir, meta)
     size_gb = sum(t.nbytes for t in tensor_table(out_dir).values()) / 1e9
     if verify and size_gb <= verify_max_gb:
-        meta = verify_checkpoint(out, base=str(base_dir), trust_remote_code=trust_remote_code)
+        meta = verify_checkpoint(out, base=str(base_dir), trust_remote_code=trust_remote_code,
+                                 progress=progress)
     elif verify:
         log.warning("skipping the numerical proof: %.1f GB exceeds verify_max_gb=%.1f; run "
                     "`llamapro verify %s` on a machine that can hold the model", size_gb, verify_max_gb, out)
@@ -157,7 +158,7 @@ def _prompt_batches(model_dir: Path, prompts, vocab: int):
 
 def verify_checkpoint(expanded: str, base: str | None = None, prompts=DEFAULT_PROMPTS,
                       max_new_tokens: int = 16, tolerance: float = 1e-5,
-                      trust_remote_code: bool = False) -> dict:
+                      trust_remote_code: bool = False, progress: bool = True) -> dict:
     """Prove that the expanded checkpoint computes what its base computed; record the numbers.
 
     Reference: ``base`` if given, else the recorded base path if it still exists, else the expanded
@@ -182,7 +183,9 @@ def verify_checkpoint(expanded: str, base: str | None = None, prompts=DEFAULT_PR
     base_model = _load(base_dir, trust_remote_code) if base_dir else None
     batches, tok = _prompt_batches(exp_dir, prompts, model.config.vocab_size)
     worst, bit, gen_ok, toks, gen_toks, samples = 0.0, True, True, 0, 0, []
-    for ids in batches:
+    from tqdm.auto import tqdm
+
+    for ids in tqdm(batches, desc="verify", unit="prompt", disable=not progress):
         rep = check_identity(model, new_idx, base=base_model, input_ids=ids,
                              max_new_tokens=max_new_tokens, tolerance=tolerance)
         worst = max(worst, rep.max_abs_logit_diff)

