@@ -194,6 +194,13 @@ def _gather_trainable(engine, zero_stage: int) -> dict:
     return {n: p.detach().cpu().clone() for n, p in named}
 
 
+def _peak_rss() -> int:
+    """Peak resident memory of this worker process so far, in bytes (Linux: ru_maxrss is KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _optimizer_state_numel(optimizer) -> int:
     """Elements of optimizer state (Adam moments) summed over all ranks: with only the new blocks
     handed to DeepSpeed this is 2 x their parameter count, whatever the ZeRO partitioning."""
@@ -384,7 +391,8 @@ def train_loop(config: dict) -> None:
             state["elapsed"] += dt
             lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(getattr(optimizer, "param_groups", []))}
             rec = {"event": "step", "step": state["global_step"], "stage": k, "loss": loss_acc,
-                   "tokens": state["tokens"], "tokens_per_s": tokens_per_step / dt, "step_s": dt, "lr": lrs}
+                   "tokens": state["tokens"], "tokens_per_s": tokens_per_step / dt, "step_s": dt, "lr": lrs,
+                   "peak_rss_bytes": _peak_rss()}
             if tc.distill_weight > 0:
                 rec["kl"] = kl_acc
             log(rec)
@@ -490,8 +498,6 @@ def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_s
         raise ValueError(
             f"{model_dir} records no inserted layers (no {METADATA_FILE} from `llamapro expand`); "
             "train mode llamapro needs an expanded checkpoint, or use mode full/lora/freeze_last_n")
-    if tc.mode != "llamapro" and new_layers:
-        raise ValueError(f"mode {tc.mode} is a baseline on the unexpanded base; {model_dir} is expanded")
     config = {"train": asdict(tc), "model_dir": str(Path(model_dir).resolve()), "out_dir": str(out),
               "new_layers": new_layers, "seq_len": seq_len, "seed": seed,
               "eval_sets": eval_sets or {}, "early_stop_on": early_stop_on,

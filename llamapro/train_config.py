@@ -87,6 +87,9 @@ class TrainConfig:
     """Held-out evaluation every N optimizer steps (and at each stage's end)."""
     eval_batches: int = 4
     """Micro-batches per worker per held-out evaluation."""
+    early_stop_on: str = ""
+    """Held-out set (a data source's name) whose loss drives early stopping; default: the first
+    data source (the new domain)."""
     patience: int = 0
     """Early stopping: end a stage after this many evaluations without improvement of the
     new-domain held-out loss (seed 001: 2). 0 disables."""
