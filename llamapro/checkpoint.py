@@ -105,6 +105,11 @@ def weight_files(model_dir: Path) -> list[Path]:
     if single.is_file():
         return [single]
     others = sorted(p.name for p in model_dir.glob("*") if p.suffix in WEIGHT_SUFFIXES)
+    stray = [o for o in others if o.endswith(".safetensors")]
+    if stray:
+        raise CheckpointError(
+            f"{model_dir} has {stray} but neither model.safetensors nor {INDEX_FILE} naming "
+            "them; restore the index file (transformers needs it too)")
     if others:
         raise CheckpointError(
             f"{model_dir} has weights in {others} but no safetensors: llamapro reads weights only "
@@ -319,10 +324,13 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 
 def stream_expand(base_dir: Path, out_dir: Path, placement: Placement, family: Family | None = None,
-                  force: bool = False, progress: bool = True, base_ref: str | None = None) -> dict:
+                  force: bool = False, progress: bool = True, base_ref: str | None = None,
+                  before_publish=None) -> dict:
     """Expand the checkpoint at ``base_dir`` into ``out_dir`` without loading it.
 
-    Returns the metadata written to ``out_dir/llamapro.json``.
+    ``before_publish`` (optional) runs in a thread beside the copy; its result is recorded as
+    ``structure_check`` and if it raises, nothing is published. Returns the metadata written to
+    ``out_dir/llamapro.json``.
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if out_dir.resolve() == base_dir.resolve():
@@ -348,15 +356,32 @@ def stream_expand(base_dir: Path, out_dir: Path, placement: Placement, family: F
     per_file: dict[Path, list] = {f: [] for f in files}
     for kp in keyplans:
         per_file[table[kp.src_key].file].append(kp)
-    sharded = len(files) > 1
+    # Keep the input's layout: an index whenever the input had one (a single
+    # model-00001-of-00001.safetensors is only findable through it).
+    sharded = (base_dir / INDEX_FILE).is_file() or len(files) > 1
     total = sum(table[kp.src_key].nbytes for kp in keyplans)
     zeroed = sorted({split_layer_key(kp.out_key)[2] for kp in keyplans if kp.zero})
+
+    check_box: dict = {}
+    checker = None
+    if before_publish is not None:
+        import threading
+
+        def run_check():
+            try:
+                check_box["result"] = before_publish()
+            except BaseException as e:  # re-raised in the main thread, before publishing
+                check_box["error"] = e
+
+        checker = threading.Thread(target=run_check, name="structure-check", daemon=True)
+        checker.start()
 
     with atomic_dir(out_dir, force=force) as tmp:
         bar, tick = _progress_bar(total, "expand", progress)
         weight_map = {}
         for f in files:
-            plans = sorted(per_file[f], key=lambda kp: kp.out_key)
+            # data in source order: sequential reads, each new block right after its source
+            plans = sorted(per_file[f], key=lambda kp: (table[kp.src_key].start, kp.new_layer or -1))
             out_name = f.name
             entries = [(kp.out_key, table[kp.src_key].dtype, table[kp.src_key].shape,
                         table[kp.src_key].nbytes) for kp in plans]
@@ -401,8 +426,13 @@ def stream_expand(base_dir: Path, out_dir: Path, placement: Placement, family: F
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "verification": None,
         }
+        meta["zero_bytes_checked"] = check_new_blocks_zero(tmp, meta)
+        if checker is not None:
+            checker.join()
+            if "error" in check_box:
+                raise check_box["error"]
+            meta["structure_check"] = check_box["result"]
         write_metadata(tmp, meta)
-        check_new_blocks_zero(tmp, meta)
     return meta
 
 
@@ -479,7 +509,7 @@ def stream_strip(expanded_dir: Path, out_dir: Path, force: bool = False, progres
                 os.close(dst_fd)
         if bar:
             bar.close()
-        if len(files) > 1:
+        if (expanded_dir / INDEX_FILE).is_file() or len(files) > 1:
             (tmp / INDEX_FILE).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                 indent=2) + "\n")

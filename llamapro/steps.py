@@ -14,7 +14,6 @@ from pathlib import Path
 
 from .checkpoint import (
     CheckpointError,
-    check_new_blocks_zero,
     read_config,
     require_metadata,
     stream_expand,
@@ -22,7 +21,7 @@ from .checkpoint import (
     tensor_table,
     write_metadata,
 )
-from .families import family_for, num_layers_of
+from .families import expand_config, family_for, num_layers_of
 from .strategies import plan
 
 log = logging.getLogger(__name__)
@@ -62,24 +61,26 @@ def resolve_local(model: str) -> Path:
     raise CheckpointError(f"model path {ref!r} does not exist")
 
 
-def check_structure(model_dir: Path, base_dir: Path, new_sources: dict,
+def check_structure(base_config: dict, expanded_config: dict, new_sources: dict,
                     trust_remote_code: bool = False) -> dict:
     """Build base and expanded models from their configs on the meta device (no memory, any size)
     and check that every layer of the expanded model has exactly the parameter names and shapes of
     the base layer it came from. Catches a per-layer config rule we did not rewrite (a new block
-    whose MLP kind or attention shape the config would change), which no key mapping can see."""
+    whose MLP kind or attention shape the config would change), which no key mapping can see.
+    Needs only the two configs, so it runs before (and overlapping) the copy."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .expansion import find_layers
 
     def layer_shapes(d):
-        cfg = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)
+        d = {k: v for k, v in d.items() if k not in ("transformers_version",)}
+        cfg = AutoConfig.for_model(**d) if not trust_remote_code else AutoConfig.for_model(**d)
         with torch.device("meta"):
             m = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
         return [{n: tuple(p.shape) for n, p in l.named_parameters()} for l in find_layers(m)[1]]
 
-    base, exp = layer_shapes(base_dir), layer_shapes(model_dir)
+    base, exp = layer_shapes(base_config), layer_shapes(expanded_config)
     sources = {int(k): v for k, v in new_sources.items()}
     o = 0
     for i, shapes in enumerate(exp):
@@ -89,9 +90,9 @@ def check_structure(model_dir: Path, base_dir: Path, new_sources: dict,
         if shapes != base[src]:
             diff = sorted(set(shapes.items()) ^ set(base[src].items()))[:4]
             raise CheckpointError(
-                f"{model_dir}: with the expanded config, layer {i} would not have the structure of "
-                f"base layer {src} (differences: {diff}). The model has a per-layer config rule "
-                "llamapro does not rewrite; please report it."
+                f"with the expanded config, layer {i} would not have the structure of base layer "
+                f"{src} (differences: {diff}). The model has a per-layer config rule llamapro does "
+                "not rewrite; nothing was written. Please report it."
             )
     return {"layers_checked": len(exp), "ok": True}
 
@@ -105,12 +106,17 @@ def expand(base: str, out: str, blocks: int | None = None, strategy: str | None 
     config = read_config(base_dir)
     family = family_for(config.get("model_type", "?"), residual_writers or None)
     placement = plan(num_layers_of(config), blocks, strategy, positions)
+    new_config, _ = expand_config(config, placement)
+    sources = {str(k): v for k, v in placement.new_sources().items()}
+
+    # The structure check imports transformers (CPU-bound, seconds) while the copy waits on I/O:
+    # run it beside the copy, and let stream_expand refuse to publish if it failed.
+    def structure():
+        return check_structure(config, new_config, sources, trust_remote_code)
+
     meta = stream_expand(base_dir, Path(out), placement, family, force=force, progress=progress,
-                         base_ref=str(base_dir))
+                         base_ref=str(base_dir), before_publish=structure)
     out_dir = Path(out)
-    meta["structure_check"] = check_structure(out_dir, base_dir, meta["new_layer_sources"],
-                                              trust_remote_code)
-    meta["zero_bytes_checked"] = check_new_blocks_zero(out_dir, meta)
     meta["expand_seconds"] = round(time.perf_counter() - t0, 3)
     write_metadata(out_dir, meta)
     size_gb = sum(t.nbytes for t in tensor_table(out_dir).values()) / 1e9

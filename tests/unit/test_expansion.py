@@ -122,3 +122,18 @@ def test_sharded_checkpoint_streams_shard_by_shard(tmp_path):
     assert "model.layers.7.mlp.down_proj.weight" in index["weight_map"]
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert m.config.num_hidden_layers == 8
+
+
+def test_single_shard_with_index_keeps_its_index(tmp_path):
+    """The Hub layout model-00001-of-00001.safetensors + index must stay loadable."""
+    base = tiny_model("llama")
+    base.save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "model.safetensors").rename(tmp_path / "base" / "model-00001-of-00001.safetensors")
+    keys = load_file(tmp_path / "base" / "model-00001-of-00001.safetensors").keys()
+    (tmp_path / "base" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in keys}}))
+    meta = steps.expand(str(tmp_path / "base"), str(tmp_path / "out"), blocks=1, progress=False)
+    assert meta["verification"]["ok"]
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    res = steps.strip(str(tmp_path / "out"), str(tmp_path / "back"), progress=False)
+    assert res["equals_base"] and (tmp_path / "back" / "model.safetensors.index.json").is_file()
