@@ -92,6 +92,16 @@ def cmd_run(a) -> int:
     return EXIT_OK
 
 
+def cmd_train(a) -> int:
+    from .config import load_config
+    from .pipeline import train_step
+
+    cfg = load_config(a.config, a.overrides + ([f"train.mode={a.mode}"] if a.mode else []))
+    res = train_step(cfg)
+    print(f"trained model: {res['model']}\nmetrics: {res['out']}/metrics.jsonl")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llamapro", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -139,12 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(fn=cmd_run)
 
-    try:  # the data commands live beside the data pipeline
-        from .data_cli import add_data_commands
-    except ImportError:
-        pass
-    else:
-        add_data_commands(sub)
+    t = sub.add_parser("train", help="train the inserted blocks (or a baseline) with Ray Train + DeepSpeed")
+    t.add_argument("--config", required=True, help="YAML config (model, expand, data, train sections)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.zero_stage=3")
+    t.add_argument("--mode", choices=["llamapro", "full", "lora", "freeze_last_n"],
+                   help="shortcut for train.mode")
+    t.set_defaults(fn=cmd_train)
+
+    # each step's commands live beside it
+    from .data_cli import add_data_commands
+    from .eval_cli import add_eval_commands
+    from .serve_cli import add_serve_commands
+
+    add_data_commands(sub)
+    add_eval_commands(sub)
+    add_serve_commands(sub)
     return p
 
 

@@ -19,8 +19,7 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key and how to fix it."""
+from .errors import ConfigError  # noqa: E402,F401  (re-exported: llamapro.config.ConfigError)
 
 
 def default_cache_dir() -> Path:
@@ -89,12 +88,163 @@ class RunConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One corpus in the training mixture (and its held-out evaluation split)."""
+
+    name: str = ""
+    """Identifier of the source: names it in previews, in the mixture report and in
+    ``build_eval_dataset(cfg, tok, name)``; the ``source`` column of a block is its index in
+    ``data.sources``. Required, unique; letters, digits, ``_``, ``-`` and ``.`` only."""
+    paths: list[str] = field(default_factory=list)
+    """Where the shards are: files, directories (read recursively; only files with a data
+    extension for ``format`` are taken, hidden and ``_``-prefixed ones are ignored), globs
+    (``data/*.jsonl.gz``, ``**`` recurses), any URI pyarrow understands (``s3://``, ``gs://``,
+    ``hdfs://``, ``file://``), or ``demo:NAME`` for a corpus built by ``llamapro data corpora``.
+    A path that matches nothing is an error that names it."""
+    format: str = "auto"
+    """auto (by extension: .jsonl/.json/.ndjson, .parquet/.pq, .txt/.text, each optionally
+    .gz/.bz2/.zst/.lz4 compressed), jsonl, parquet or text. Set it when extensions lie."""
+    kind: str = "text"
+    """text: raw text for continued pretraining (loss on every token). instruct: conversations
+    (``messages`` lists of role/content, ShareGPT ``conversations``, or alpaca
+    instruction/input/output records) rendered with the model's chat template, loss only on the
+    assistant's replies."""
+    text_field: str = "text"
+    """The field (jsonl key or parquet column) holding a document's text when kind is text."""
+    messages_field: str = "messages"
+    """The field holding the conversation when kind is instruct; records without it are read as
+    alpaca (instruction/input/output) when those fields are present."""
+    text_unit: str = "file"
+    """What one document is in a plain-text file: file (the whole file), paragraph (blocks
+    separated by blank lines) or line. It is also the unit of the held-out split."""
+    weight: float = 1.0
+    """Share of this source's tokens in the training stream, relative to the other sources'
+    weights (0.7 and 0.3 mean 70%/30%). 0 keeps a source out of training while its held-out split
+    stays available for evaluation."""
+    eval_fraction: float = 0.01
+    """Fraction of this source's documents held out for evaluation, chosen by a hash of each
+    document's content and data.seed, so the same documents are held out on every run and a
+    held-out document never reaches a training block (duplicates land on the same side)."""
+
+
+_SOURCE_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+@dataclass
+class DataConfig:
+    """The Ray Data pipeline that streams packed token blocks to the Train workers."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    """The corpora to mix: each a SourceConfig (name, paths, weight, ...)."""
+    seq_len: int = 1024
+    """Tokens in one packed block: the training sequence length. Documents are concatenated,
+    separated by EOS, and cut into blocks of exactly this length."""
+    seed: int = 0
+    """Seeds the held-out split, the shard order and the mixture sampling: the same seed and
+    corpus give the same blocks. Kept apart from run.seed so that changing the training seed
+    never moves documents between the training and held-out splits."""
+    mixing: str = "downsample"
+    """How weights are met when the corpora's sizes disagree with them. downsample: the source
+    scarcest relative to its weight is used once in full and the others are thinned (no block is
+    repeated). upsample: every block of the most plentiful source is used once and the others are
+    repeated as needed."""
+    max_skip_fraction: float = 0.05
+    """Budget for bad input per source: the run fails, naming the source and the reasons, when
+    more than this share of its documents (or of its files) had to be skipped. Bad records below
+    the budget are skipped and counted, never fatal."""
+    max_doc_bytes: int = 16 * 1024 * 1024
+    """A single document (jsonl line, text unit, record) larger than this is skipped as
+    too_large, so one runaway record cannot exhaust a worker's memory."""
+    actors: int = 2
+    """Most tokenizer actors Ray Data runs (each reads, tokenizes and packs whole shards).
+    Leave CPUs for them next to the Train workers or the pipeline starves."""
+    cpus_per_actor: float = 1.0
+    """Logical CPUs each tokenizer actor reserves."""
+    preserve_order: bool = False
+    """Deliver blocks in a deterministic order (Ray Data preserve_order). The set of blocks is
+    deterministic either way; ordering costs some throughput."""
+
+    def __post_init__(self):
+        if not isinstance(self.seq_len, int) or self.seq_len < 8:
+            raise ConfigError(f"data.seq_len={self.seq_len!r}: must be an integer >= 8")
+        if self.mixing not in ("downsample", "upsample"):
+            raise ConfigError(f"data.mixing={self.mixing!r}: use downsample or upsample")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ConfigError(
+                f"data.max_skip_fraction={self.max_skip_fraction!r}: must be between 0 and 1")
+        if self.max_doc_bytes < 1:
+            raise ConfigError(f"data.max_doc_bytes={self.max_doc_bytes!r}: must be >= 1")
+        if self.actors < 1:
+            raise ConfigError(f"data.actors={self.actors!r}: must be >= 1")
+        if not self.cpus_per_actor > 0:
+            raise ConfigError(f"data.cpus_per_actor={self.cpus_per_actor!r}: must be > 0")
+        seen: set[str] = set()
+        for i, src in enumerate(self.sources):
+            where = f"data.sources[{i}]"
+            if not isinstance(src, SourceConfig):
+                raise ConfigError(f"{where}: expected a source mapping, got {src!r}")
+            if not src.name or not set(src.name) <= _SOURCE_NAME_OK:
+                raise ConfigError(
+                    f"{where}.name={src.name!r}: required; letters, digits, _ - . only")
+            if src.name in seen:
+                raise ConfigError(f"{where}.name={src.name!r}: used by another source")
+            seen.add(src.name)
+            if not src.paths:
+                raise ConfigError(f"{where}.paths: give at least one file, directory, glob or URI")
+            if src.format not in ("auto", "jsonl", "parquet", "text"):
+                raise ConfigError(
+                    f"{where}.format={src.format!r}: use auto, jsonl, parquet or text")
+            if src.kind not in ("text", "instruct"):
+                raise ConfigError(f"{where}.kind={src.kind!r}: use text or instruct")
+            if src.text_unit not in ("file", "paragraph", "line"):
+                raise ConfigError(
+                    f"{where}.text_unit={src.text_unit!r}: use file, paragraph or line")
+            if not src.text_field or not src.messages_field:
+                raise ConfigError(f"{where}: text_field and messages_field must not be empty")
+            if not src.weight >= 0:
+                raise ConfigError(f"{where}.weight={src.weight!r}: must be >= 0")
+            if not 0.0 <= src.eval_fraction <= 1.0:
+                raise ConfigError(
+                    f"{where}.eval_fraction={src.eval_fraction!r}: must be between 0 and 1")
+            if src.eval_fraction >= 1.0 and src.weight > 0:
+                raise ConfigError(
+                    f"{where}: eval_fraction=1 leaves nothing to train on; set weight: 0 to make "
+                    "it an evaluation-only source")
+        if self.sources and not any(s.weight > 0 for s in self.sources):
+            raise ConfigError("data.sources: every weight is 0; at least one source must train")
+
+    def source_names(self) -> list[str]:
+        """Names by index: the ``source`` column of a block indexes this list."""
+        return [s.name for s in self.sources]
+
+    def source(self, name: str) -> SourceConfig:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise ConfigError(
+            f"no data source named {name!r}; configured: {', '.join(self.source_names()) or 'none'}")
+
+
+@dataclass
 class Config:
     """The whole pipeline. Each step reads its section; unknown sections are errors."""
 
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     expand: ExpandConfig = field(default_factory=ExpandConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: "TrainConfig" = field(default_factory=lambda: TrainConfig())
+    eval: "EvalConfig" = field(default_factory=lambda: EvalConfig())
+    export: "ExportConfig" = field(default_factory=lambda: ExportConfig())
+    serve: dict = field(default_factory=dict)
+    """The serve section, validated strictly by llamapro.serve.ServeConfig when serving starts
+    (it lives beside the Serve app, which imports Ray; `llamapro run` validates it up front)."""
+
+
+# The step sections live beside their steps (pure modules, no torch/ray); they import ConfigError
+# from here, so they are imported after it exists.
+from .eval_config import EvalConfig, ExportConfig  # noqa: E402
+from .train_config import TrainConfig  # noqa: E402
 
 
 # --- machinery ------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import ConfigError
+from .errors import ConfigError
 
 MODES = ("llamapro", "full", "lora", "freeze_last_n")
 MODULE_SETS = ("all", "attn", "mlp")
