@@ -72,24 +72,28 @@ def cmd_demo_model(a) -> int:
 
 
 def cmd_run(a) -> int:
-    """The main job on the embedded default. Today: prepare the demo model, expand it, prove it."""
-    from . import steps
+    """The main job: expand -> verify -> train -> evaluate/gate -> report -> export -> serve."""
     from .config import load_config
-    from .demo import resolve_model
+    from .eval_config import EXIT_GATE_FAILED
+    from .pipeline import QUICK, run_pipeline
 
-    cfg = load_config(a.config, a.overrides)
-    out = f"{cfg.run.run_dir()}/expanded"
-    print(f"[1/2] base model: {cfg.model.base}", flush=True)
-    base = resolve_model(cfg.model.base)
-    print(f"[2/2] expand {cfg.expand.blocks} blocks ({cfg.expand.strategy}) and prove identity -> {out}",
-          flush=True)
-    meta = steps.expand(base, out, blocks=cfg.expand.blocks, strategy=cfg.expand.strategy,
-                        positions=cfg.expand.positions or None,
-                        residual_writers=cfg.expand.residual_writers or None,
-                        verify=cfg.expand.verify, force=True,
-                        trust_remote_code=cfg.model.trust_remote_code, progress=not a.quiet)
-    print(steps.summary(meta))
-    return EXIT_OK
+    cfg = load_config(a.config, (QUICK if a.quick else []) + a.overrides)
+    s = run_pipeline(cfg, quick=a.quick)
+    print(f"\ndone in {s['seconds']:.0f} s; report: {s['report']}")
+    print(f"identity of the expansion: max |dlogits| = {s['identity']['max_abs_logit_diff']}, "
+          f"greedy generation equal: {s['identity']['generation_equal']}")
+    failed = []
+    for name, ev in s["eval"].items():
+        for set_name, st in (ev.get("sets") or {}).items():
+            print(f"{name:<14} {set_name:<18} [{st['role']}] perplexity {st['base']['ppl']:.3f} -> "
+                  f"{st['trained']['ppl']:.3f} ({st['ppl_change']:+.2%})")
+        g = ev.get("gate") or {}
+        print(f"{name:<14} gate: {g.get('summary', 'n/a')}")
+        if g and not g.get("passed", True):
+            failed.append(name)
+    print(f"served answer ({s['serve']['model']}): {s['serve']['answer']!r}")
+    print(f"export: {s['export']}")
+    return EXIT_GATE_FAILED if "llamapro" in failed else EXIT_OK
 
 
 def cmd_train(a) -> int:
@@ -143,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo-model", help="convert the bundled SmolLM2 GGUF to a cached HF directory")
     d.set_defaults(fn=cmd_demo_model)
 
-    r = sub.add_parser("run", help="run the pipeline of a config (the main job)")
+    r = sub.add_parser("run", help="run the whole pipeline of a config (the main job)")
     r.add_argument("--config", default=None, help="YAML config (default: built-in demo)")
+    r.add_argument("--quick", action="store_true", help="a ~3-minute smoke run of every step")
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. expand.blocks=4")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(fn=cmd_run)

@@ -82,6 +82,14 @@ class RunConfig:
     output_dir: str = "runs"
     """Where every artifact of a run goes (local path or a cloud URI)."""
     seed: int = 0
+    baselines: list[str] = field(default_factory=list)
+    """`llamapro run` also trains these baselines at the same token budget and evaluates them
+    beside LLaMA-Pro: any of full, lora, freeze_last_n (seed 001's comparison, measured)."""
+
+    def __post_init__(self):
+        bad = [b for b in self.baselines if b not in ("full", "lora", "freeze_last_n")]
+        if bad:
+            raise ConfigError(f"run.baselines: {bad} unknown; use full, lora or freeze_last_n")
 
     def run_dir(self) -> str:
         return f"{self.output_dir.rstrip('/')}/{self.name}"
@@ -221,8 +229,8 @@ class DataConfig:
         for s in self.sources:
             if s.name == name:
                 return s
-        raise ConfigError(
-            f"no data source named {name!r}; configured: {', '.join(self.source_names()) or 'none'}")
+        names = ", ".join(self.source_names()) or "none"
+        raise ConfigError(f"no data source named {name!r}; configured: {names}")
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Every step reads and writes plain directories under ``<run.output_dir>/<run.name>/``::
 
     expanded/          llamapro expand (+ proof in llamapro.json)
-    train/             training run: model/ (HF checkpoint), metrics.jsonl, ray/ (Train checkpoints)
+    model/             the trained HF checkpoint; metrics.jsonl; ray/ (Ray Train checkpoints)
+    eval/ report/      llamapro eval: results.json, report.{md,html} + PNGs
+    export/            llamapro export: a clean HF directory with a model card
     baseline-<mode>/   the same for a baseline (full, lora, freeze_last_n) on the unexpanded base
 """
 
@@ -83,13 +85,20 @@ def train_step(cfg, mode: str | None = None) -> dict:
         if not (model_dir / "llamapro.json").is_file():
             log.info("no expanded checkpoint at %s yet: expanding first", model_dir)
             expand_step(cfg)
-        out = run_dir(cfg) / "train"
+        out = run_dir(cfg)
     else:
         model_dir = Path(resolve_model(cfg.model.base))
         out = run_dir(cfg) / f"baseline-{tc.mode}"
     if not cfg.data.sources:
         raise ValueError("data.sources is empty: configure at least one corpus to train on")
     ensure_ray(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    # the resolved config beside the run: lineage for the model card (data mixture, stages)
+    import yaml
+
+    from .config import to_dict
+
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     train_ds = build_train_dataset(cfg.data, str(model_dir))
     per = tc.eval_batches * tc.micro_batch_size * tc.num_workers
     evals = eval_blocks(cfg, str(model_dir), per)
@@ -100,3 +109,114 @@ def train_step(cfg, mode: str | None = None) -> dict:
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     return {"out": str(out), "model": str(out / "model"), "metrics": result.metrics}
+
+
+# Overrides that turn any config into a ~3-minute smoke run of every step (tests use it).
+QUICK = ["train.max_tokens=0", "train.max_steps=4", "train.num_stages=2", "train.eval_every=2",
+         "train.checkpoint_every=2", "train.eval_batches=1", "train.micro_batch_size=2",
+         "data.seq_len=128", "eval.max_blocks=4", "eval.max_prompts=3", "eval.max_new_tokens=8"]
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def ensure_demo_corpora(cfg) -> None:
+    """Build the demo corpora on first use when the config names them (demo:NAME paths)."""
+    from .config import default_cache_dir
+
+    names = sorted({p.split(":", 1)[1] for s in cfg.data.sources for p in s.paths if p.startswith("demo:")})
+    missing = [n for n in names if not (default_cache_dir() / "corpora" / n).is_dir()]
+    if missing:
+        from .corpora import build_corpora
+
+        _say(f"      building demo corpora {missing} (once)")
+        build_corpora(names=missing, say=lambda m: None)
+
+
+def serve_smoke(cfg, export_dir: Path, base_dir: str) -> dict:
+    """Deploy base + exported model behind the OpenAI API, ask one chat question, shut down."""
+    import json
+    import socket
+    import urllib.request
+
+    from ray import serve
+
+    from .serve import deploy, serve_config_from_dict
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sc = dict(cfg.serve or {})
+    sc.update(host="127.0.0.1", port=port)
+    sc["models"] = {"base": {"path": base_dir, "num_cpus": 1},
+                    "expanded": {"path": str(export_dir), "num_cpus": 1}}
+    sc["canary"] = {"weights": {"base": 0.0, "expanded": 1.0}}
+    scfg = serve_config_from_dict(sc)
+    try:
+        deploy(scfg, wait_s=600)
+        body = {"model": "expanded", "max_tokens": 24, "temperature": 0,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            resp = json.loads(r.read())
+        return {"model": resp.get("model"), "answer": resp["choices"][0]["message"]["content"],
+                "usage": resp.get("usage")}
+    finally:
+        serve.shutdown()
+
+
+def run_pipeline(cfg, quick: bool = False) -> dict:
+    """expand -> verify -> train -> evaluate (gate) -> report -> export -> serve smoke."""
+    import json
+    import time
+
+    from .demo import resolve_model
+    from .evaluate import run_eval
+    from .export import export
+
+    if cfg.serve:  # fail before any work on a bad serve section
+        from .serve import serve_config_from_dict
+
+        serve_config_from_dict(dict(cfg.serve))
+    t0 = time.perf_counter()
+    rd = run_dir(cfg)
+    rd.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"run_dir": str(rd)}
+    _say(f"[1/7] base model {cfg.model.base}")
+    base_dir = resolve_model(cfg.model.base)
+    _say(f"[2/7] expand {cfg.expand.blocks} blocks ({cfg.expand.strategy}) and prove identity")
+    meta = expand_step(cfg, progress=not quick)
+    v = meta.get("verification") or {}
+    summary["identity"] = {"max_abs_logit_diff": v.get("max_abs_logit_diff"),
+                           "generation_equal": v.get("greedy_generation_equal")}
+    _say(f"      new layers {meta['new_layer_indices']}; max |dlogits| = {v.get('max_abs_logit_diff')}")
+    _say("[3/7] data: demo corpora" if any(p.startswith("demo:") for s in cfg.data.sources for p in s.paths)
+         else "[3/7] data")
+    ensure_demo_corpora(cfg)
+    ensure_ray(cfg)
+    _say(f"[4/7] train ({cfg.train.num_stages} stage(s), ZeRO-{cfg.train.zero_stage}, "
+         f"{cfg.train.num_workers} workers)")
+    tr = train_step(cfg)
+    summary["train"] = tr["out"]
+    runs = {"llamapro": Path(tr["out"])}
+    for mode in cfg.run.baselines:
+        _say(f"      baseline {mode} at the same token budget")
+        runs[mode] = Path(train_step(cfg, mode=mode)["out"])
+    _say("[5/7] evaluate (held-out loss, greedy agreement, regression gate) and report")
+    results = {}
+    for name, d in runs.items():
+        results[name] = run_eval(cfg, run_dir=str(d))
+    r = results["llamapro"]
+    summary["eval"] = {n: {k: res.get(k) for k in ("sets", "gate")} for n, res in results.items()}
+    _say(f"[6/7] export -> {rd / 'export'}")
+    exp = export(str(runs["llamapro"]), str(rd / "export"), force=True,
+                 max_shard_size=cfg.export.max_shard_size)
+    summary["export"] = str(rd / "export")
+    _say("[7/7] serve: one chat request through the OpenAI API")
+    summary["serve"] = serve_smoke(cfg, rd / "export", base_dir)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["report"] = str(runs["llamapro"] / "report" / "report.html")
+    (rd / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary

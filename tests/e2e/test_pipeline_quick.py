@@ -1,0 +1,75 @@
+"""The main job, quick: every step on the real SmolLM2 and the real demo corpora."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    r = subprocess.run([sys.executable, "-m", "llamapro.cli", "run", "--config",
+                        str(ROOT / "jobs/configs/demo.yaml"), "--quick", f"run.output_dir={out}",
+                        "run.name=quick"], capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    assert r.returncode in (0, 4), r.stdout[-3000:] + r.stderr[-3000:]
+    for step in ("[1/7]", "[2/7]", "[4/7]", "[5/7]", "[6/7]", "[7/7]"):
+        assert step in r.stdout  # progress for each step
+    return out / "quick", r
+
+
+def test_expanded_checkpoint_with_proof(run):
+    d, _ = run
+    meta = json.loads((d / "expanded" / "llamapro.json").read_text())
+    assert meta["num_layers"] == 36 and meta["verification"]["ok"]
+    assert meta["verification"]["bit_identical_logits"]
+
+
+def test_training_checkpoints_and_metrics(run):
+    d, _ = run
+    assert list((d / "ray").rglob("checkpoint_*"))
+    ev = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [e["layers"] for e in ev if e["event"] == "stage_start"] == [[5, 11, 17], [5, 11, 17, 23, 29, 35]]
+    meta = json.loads((d / "model" / "llamapro.json").read_text())
+    assert meta["kind"] == "trained" and meta["training"]["originals_frozen"]
+
+
+def test_report_with_real_plots(run):
+    from PIL import Image
+
+    d, _ = run
+    html = (d / "report" / "report.html").read_text()
+    pngs = sorted((d / "report").glob("*.png"))
+    assert len(pngs) >= 3
+    for p in pngs:
+        assert f'src="{p.name}"' in html
+        with Image.open(p) as im:
+            assert im.size[0] > 200 and im.size[1] > 100
+    res = json.loads((d / "eval" / "results.json").read_text())
+    assert set(res["sets"]) == {"debian-manuals", "python-docs"}
+    assert all(s["base"]["ppl"] > 1 and s["trained"]["ppl"] > 1 for s in res["sets"].values())
+
+
+def test_export_loads_in_plain_transformers(run):
+    d, _ = run
+    code = (f"import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(d / 'export')!r}); "
+            f"t = AutoTokenizer.from_pretrained({str(d / 'export')!r})\n"
+            "assert 'llamapro' not in sys.modules and m.config.num_hidden_layers == 36\n"
+            "ids = t('The Debian package manager', return_tensors='pt')\n"
+            "print(t.decode(m.generate(**ids, max_new_tokens=5, do_sample=False)[0]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (d / "export" / "README.md").read_text().startswith("---")
+
+
+def test_served_answer(run):
+    d, r = run
+    s = json.loads((d / "summary.json").read_text())
+    assert s["serve"]["model"] == "expanded" and s["serve"]["answer"].strip()
+    assert "served answer" in r.stdout
