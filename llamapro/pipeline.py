@@ -60,9 +60,14 @@ def eval_blocks(cfg, model_dir: str, per_source: int) -> dict:
     """A small, fixed set of held-out blocks per source (same tokens at every evaluation)."""
     from .data import build_eval_dataset
 
+    from .data import load_tokenizer
+
+    tok = load_tokenizer(model_dir)  # once: loading costs seconds
     out = {}
     for src in cfg.data.sources:
-        rows = build_eval_dataset(cfg.data, model_dir, src.name).take(per_source)
+        if src.eval_fraction <= 0:
+            continue
+        rows = build_eval_dataset(cfg.data, tok, src.name).take(per_source)
         if not rows:
             log.warning("source %s has no held-out blocks; raise its eval_fraction", src.name)
             continue
@@ -99,7 +104,9 @@ def train_step(cfg, mode: str | None = None) -> dict:
     from .config import to_dict
 
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    train_ds = build_train_dataset(cfg.data, str(model_dir))
+    from .data import load_tokenizer
+
+    train_ds = build_train_dataset(cfg.data, load_tokenizer(str(model_dir)))
     per = tc.eval_batches * tc.micro_batch_size * tc.num_workers
     evals = eval_blocks(cfg, str(model_dir), per)
     early = tc.early_stop_on or (cfg.data.sources[0].name if cfg.data.sources else None)

