@@ -35,7 +35,8 @@ def ensure_ray(cfg=None) -> None:
     if cfg is not None:
         t = cfg.train
         want = max(want, t.num_workers * t.cpus_per_worker + int(cfg.data.actors * cfg.data.cpus_per_actor) + 1)
-    ray.init(num_cpus=want, include_dashboard=False, log_to_driver=True)
+    # keep the dashboard: Train V2 cleans up placement groups through the State API it serves
+    ray.init(num_cpus=want, log_to_driver=True)
 
 
 def run_dir(cfg) -> Path:

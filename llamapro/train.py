@@ -227,8 +227,7 @@ class _Batches:
         while True:
             if self.it is None:
                 self.it = iter(self.shard.iter_torch_batches(
-                    batch_size=self.mbs, drop_last=True,
-                    dtypes={"input_ids": torch.long, "labels": torch.long}))
+                    batch_size=self.mbs, drop_last=True, dtypes=torch.long))
             try:
                 b = next(self.it)
                 return b["input_ids"], b["labels"]
@@ -344,6 +343,7 @@ def train_loop(config: dict) -> None:
         groups = select_parameters(model, tc, new_layers, stage if tc.mode == "llamapro" else None)
         n_train = sum(p.numel() for g in groups for p in g["params"])
         n_all = sum(p.numel() for p in model.parameters())
+        group_sizes = {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}
         for g in groups:
             g["initial_lr"] = g["lr"]
         optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95))
@@ -360,7 +360,7 @@ def train_loop(config: dict) -> None:
                   f"ZeRO-{tc.zero_stage}", flush=True)
         log({"event": "stage_start", "stage": k, "name": stage.name, "layers": stage.layers,
              "steps": stage.steps, "trainable_params": n_train, "total_params": n_all,
-             "optimizer_groups": {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}})
+             "optimizer_groups": group_sizes})
         engine.train()
         stopped, metrics = False, {"step": state["global_step"], "stage": k}
         while state["step_in_stage"] < stage.steps and not stopped:
