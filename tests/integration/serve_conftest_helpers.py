@@ -55,6 +55,8 @@ def local_ray(num_cpus: int = 4):
     import ray
     from ray import serve
 
+    if ray.is_initialized():  # e.g. the data tests' session cluster: start from a clean one
+        ray.shutdown()
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              namespace="llamapro-serve-test")
     try:
