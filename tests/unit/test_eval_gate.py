@@ -26,7 +26,7 @@ from llamapro.evaluate import (
     require_lm_eval,
     resolve_base,
 )
-from test_eval_support import counting_blocks, greedy_blocks, make_run
+from eval_support import counting_blocks, greedy_blocks, make_run
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = REPO / "jobs" / "data" / "regression_prompts.jsonl"

@@ -22,7 +22,7 @@ from llamapro.evaluate import check_gate, write_results
 from llamapro.eval_config import GateConfig
 from llamapro.export import export
 from llamapro.steps import strip
-from test_eval_support import make_run
+from eval_support import make_run
 
 REPO = Path(__file__).resolve().parents[2]
 

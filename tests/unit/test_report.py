@@ -12,7 +12,7 @@ from PIL import Image
 from llamapro.eval_config import EvalConfig, GateConfig
 from llamapro.evaluate import evaluate_checkpoint, load_prompts
 from llamapro.report import build_report, plot_stack
-from test_eval_support import counting_blocks, greedy_blocks, make_run
+from eval_support import counting_blocks, greedy_blocks, make_run
 
 PROMPTS = Path(__file__).resolve().parents[2] / "jobs" / "data" / "regression_prompts.jsonl"
 
