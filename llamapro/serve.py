@@ -1,8 +1,9 @@
 """Ray Serve: an OpenAI-compatible endpoint with dynamic batching, autoscaling and a canary split.
 
     llamapro serve --config jobs/configs/serve_demo.yaml                  # local, blocks until Ctrl-C
-    serve run llamapro.serve:build_app config=jobs/configs/serve_demo.yaml
     llamapro serve --config CFG --print-serve-config > serve.yaml && serve deploy serve.yaml
+    serve run serve.yaml                                  # the same file; its host/port apply
+    serve run llamapro.serve:build_app config=CFG         # Serve's own HTTP defaults (port 8000)
 
 One application, two kinds of deployment:
 
@@ -12,9 +13,11 @@ One application, two kinds of deployment:
                     (``served_model_name``) or no model is routed by the canary weights. Weights and
                     limits are its ``user_config``: redeploying a config that only changes them calls
                     ``reconfigure`` on the live replica (no restart, no dropped request).
-``model-<name>``    one per model: an engine (transformers here; vLLM when a GPU and vllm are present)
-                    behind ``@serve.batch``. Tokenizing, the chat template and the context check run
-                    on the replica; generation runs on one engine thread, off the event loop.
+``model-<name>``    one per model: an engine (transformers here; vLLM when a GPU and vllm are present).
+                    Tokenizing, the chat template and the context check run on the replica's event
+                    loop; ``@serve.batch`` groups concurrent arrivals into one admission (one prefill);
+                    generation runs on one engine thread, off the event loop, batching continuously
+                    (a request joins the running batch at the next token, leaves it when done).
 
 The config tree (``ServeConfig``) lives here until it joins ``llamapro.config``. Keys that can change
 while serving (canary weights, limits, autoscaling, batch sizes, queue limits) are deployment options or
@@ -725,6 +728,8 @@ class Prepared:
     stop: list
     seed: int | None
     ignore_eos: bool
+    stream: bool = True
+    """False: only the final event is emitted, carrying the whole text (no per-token wake-ups)."""
     cancelled: bool = False
     batch_size: int = 0
     emit: Any = None
@@ -739,6 +744,7 @@ class _Row:
 
         self.p, self.engine = p, engine
         self.out: list[int] = []
+        self.acc: list[str] = []  # text so far, for non-streaming requests
         self.n = 0
         self.emitted = 0
         self.finish: str | None = None
@@ -1021,7 +1027,13 @@ class TransformersEngine(_Tokenizing):
         rows = self._rows
         toks = self._sample(self._logits, rows)
         for r, t in zip(rows, toks):
-            r.emit(r.push(t))
+            ev = r.push(t)
+            if r.p.stream:
+                r.emit(ev)
+            else:
+                r.acc.append(ev["text"])
+                if ev["finish_reason"]:
+                    r.emit({**ev, "text": "".join(r.acc)})
         keep = [j for j, r in enumerate(rows) if r.finish is None and not r.p.cancelled]
         if not keep:
             self._reset()
@@ -1214,6 +1226,7 @@ class ModelServerImpl:
         p, err = self._prepare(req)
         if err:
             return err
+        p.stream = False
         parts, last = [], None
         try:
             async for ev in self._events(p):

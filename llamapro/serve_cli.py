@@ -34,6 +34,9 @@ def add_serve_commands(subparsers) -> None:
     s.add_argument("--num-cpus", type=float, default=None,
                    help="logical CPUs of the local cluster (default: enough for every model at "
                         "max_replicas, at least the machine's cores)")
+    s.add_argument("--worker-niceness", type=int, default=0,
+                   help="CPU niceness of the local cluster's workers (Ray's own default is 15, "
+                        "which starves model replicas whenever anything else runs)")
     s.add_argument("--print-serve-config", action="store_true",
                    help="print the Ray Serve deploy config and exit (nothing is started)")
     s.add_argument("--format", choices=["serve", "kuberay"], default="serve",
@@ -105,8 +108,10 @@ def run_serve(a) -> int:
         _check_api_key_locally(cfg)
     if a.address is None:
         cpus = a.num_cpus or max(os.cpu_count() or 1, math.ceil(cluster_cpus_needed(cfg)))
+        # Ray runs workers at nice 15; a local server should not yield to every other process.
         ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                 namespace="serve", log_to_driver=True)
+                 namespace="serve", log_to_driver=True,
+                 _system_config={"worker_niceness": a.worker_niceness})
     else:
         ray.init(address=a.address, namespace="serve")
     reload_requested = threading.Event()
