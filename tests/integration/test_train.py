@@ -210,3 +210,45 @@ def test_llamapro_mode_refuses_an_unexpanded_model(ray_local, expanded):
     ds, ev = _data(ray_local)
     with pytest.raises(ValueError, match="records no inserted layers"):
         run_training(TrainConfig(), str(expanded / "base"), str(expanded / "x"), ds, ev, seq_len=SEQ)
+
+
+def test_rerun_with_same_name_resumes(ray_local, expanded):
+    """A run that dies (no failure budget) picks up from its latest checkpoint when it is simply
+    rerun with the same name and storage path - the "my job was preempted" path."""
+    out = expanded / "rerun"
+    out.mkdir()
+    killed = {}
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            reg = _registered_steps(out / "ray" / "rerun")
+            if reg and (out / "worker-0.pid").exists():
+                os.kill(int((out / "worker-0.pid").read_text()), signal.SIGKILL)
+                killed["after_checkpoint"] = max(reg)
+                return
+            time.sleep(0.05)
+
+    ds, ev = _data(ray_local)
+    tc = TrainConfig(max_steps=16, lr=3e-3, micro_batch_size=4, eval_every=100, checkpoint_every=4,
+                     max_failures=0, zero_stage=1)
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    failed = None
+    try:
+        res = run_training(tc, str(expanded / "exp"), str(out), ds, ev, seq_len=SEQ, name="rerun")
+        failed = res.error
+    except Exception as e:  # Train V2 raises on an exhausted failure budget
+        failed = e
+    t.join(timeout=5)
+    assert killed and failed is not None, "the first attempt should have died"
+    assert not (out / "model").exists()
+
+    ds, ev = _data(ray_local)
+    res = run_training(tc, str(expanded / "exp"), str(out), ds, ev, seq_len=SEQ, name="rerun")
+    assert res.error is None and res.metrics["final"]
+    resumes = _events(out, "resume")
+    assert len(resumes) == 1 and resumes[0]["step"] >= killed["after_checkpoint"]
+    ran = [e["step"] for e in _events(out, "step")]
+    assert max(ran) == 16 and ran.count(1) == 1
+    assert (out / "model" / "config.json").is_file()
