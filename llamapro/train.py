@@ -11,6 +11,7 @@ This is the only module that imports ``ray.train`` and ``deepspeed``.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from .checkpoint import METADATA_FILE, METADATA_VERSION, atomic_dir, copy_side_files, read_metadata
 from .config import from_dict
+from .fastloss import causal_lm_ce_sum, masked_ce_sum, supports_chunked_loss  # noqa: F401
 from .stages import allocate, build_stages
 from .train_config import TrainConfig
 
@@ -148,16 +150,6 @@ def lr_lambda(steps: int, warmup_ratio: float, min_ratio: float):
     return f
 
 
-def masked_ce_sum(logits, labels) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over labelled positions, and their count."""
-    logits = logits[:, :-1].float()
-    labels = labels[:, 1:]
-    mask = labels != -100
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp_min(0),
-                           reduction="none")
-    return (loss * mask.reshape(-1)).sum(), int(mask.sum())
-
-
 def kl_to_teacher(student_logits, teacher_logits, labels, temperature: float) -> torch.Tensor:
     mask = (labels[:, 1:] != -100).reshape(-1)
     s = F.log_softmax(student_logits[:, :-1].float() / temperature, -1).reshape(-1, student_logits.shape[-1])
@@ -167,6 +159,50 @@ def kl_to_teacher(student_logits, teacher_logits, labels, temperature: float) ->
 
 
 # --- the worker -----------------------------------------------------------------------------------
+
+def _lean_malloc() -> bool:
+    """glibc: allocations >= 1 MiB come from mmap and go back to the OS when freed, instead of
+    raising the heap's high-water mark step after step (torch's CPU allocator does not cache)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
+def _decoder_layers(model):
+    """The decoder's layer list of a HF causal LM (through a peft wrapper too)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder().layers
+
+
+def _apply_checkpointing(model, how: str) -> list[int]:
+    """Per-layer activation checkpointing; returns the checkpointed layer indices.
+
+    Layers below the lowest layer with a trainable parameter get no graph at all (their inputs do
+    not require grad), so checkpointing them would only cost time. "frozen": the frozen layers above
+    it (backward needs their activations only to pass the gradient down); "all": every layer from
+    the lowest trainable one up."""
+    if how == "off":
+        return []
+    layers = _decoder_layers(model)
+    trainable = [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
+    if not trainable:
+        return []
+    chosen = [i for i in range(min(trainable), len(layers)) if how == "all" or i not in trainable]
+    if not chosen:
+        return []
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    for i, layer in enumerate(layers):
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = i in chosen
+    return chosen
+
 
 def _load_model(model_dir: str, dtype, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
@@ -246,6 +282,8 @@ def train_loop(config: dict) -> None:
     from .expansion import skip_layers
 
     tc = from_dict(TrainConfig, config["train"], "train")
+    if tc.lean_malloc:
+        _lean_malloc()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, tc.cpus_per_worker))
@@ -302,8 +340,8 @@ def train_loop(config: dict) -> None:
                 tot = torch.zeros(2, dtype=torch.float64)
                 x, y = torch.as_tensor(ids[rows]), torch.as_tensor(labels[rows])
                 for i in range(0, len(x), tc.micro_batch_size):
-                    logits = engine(input_ids=x[i:i + tc.micro_batch_size].to(device)).logits
-                    s, n = masked_ce_sum(logits, y[i:i + tc.micro_batch_size].to(device))
+                    s, n = causal_lm_ce_sum(engine.module, x[i:i + tc.micro_batch_size].to(device),
+                                            y[i:i + tc.micro_batch_size].to(device), chunked)
                     tot += torch.tensor([s.item(), n], dtype=torch.float64)
                 dist.all_reduce(tot)
                 out[name] = (tot[0] / tot[1].clamp_min(1)).item()
@@ -325,9 +363,6 @@ def train_loop(config: dict) -> None:
     for k in range(state["stage"], len(stages)):
         stage = stages[k]
         model = _load_model(model_dir, torch.float32, config.get("trust_remote_code", False))
-        if tc.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
         if tc.mode == "lora" or tc.lora_new_blocks:
             from peft import LoraConfig, get_peft_model
 
@@ -341,6 +376,9 @@ def train_loop(config: dict) -> None:
         else:
             _overlay(model, trained)
         groups = select_parameters(model, tc, new_layers, stage if tc.mode == "llamapro" else None)
+        checkpointed = _apply_checkpointing(model, tc.gradient_checkpointing)
+        chunked = (tc.chunked_loss and tc.zero_stage < 3 and tc.distill_weight == 0
+                   and supports_chunked_loss(model))
         n_train = sum(p.numel() for g in groups for p in g["params"])
         n_all = sum(p.numel() for p in model.parameters())
         group_sizes = {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}
@@ -360,7 +398,8 @@ def train_loop(config: dict) -> None:
                   f"ZeRO-{tc.zero_stage}", flush=True)
         log({"event": "stage_start", "stage": k, "name": stage.name, "layers": stage.layers,
              "steps": stage.steps, "trainable_params": n_train, "total_params": n_all,
-             "optimizer_groups": group_sizes})
+             "optimizer_groups": group_sizes, "checkpointed_layers": checkpointed,
+             "chunked_loss": chunked})
         engine.train()
         stopped, metrics = False, {"step": state["global_step"], "stage": k}
         while state["step_in_stage"] < stage.steps and not stopped:
@@ -369,8 +408,11 @@ def train_loop(config: dict) -> None:
             for _ in range(tc.grad_accum):
                 x, y = batches.next()
                 x, y = x.to(device), y.to(device)
-                out = engine(input_ids=x)
-                s, n = masked_ce_sum(out.logits, y)
+                if chunked:
+                    s, n = causal_lm_ce_sum(engine.module, x, y, chunked=True)
+                else:
+                    out = engine(input_ids=x, use_cache=False)
+                    s, n = masked_ce_sum(out.logits, y)
                 loss = s / max(1, n)
                 if tc.distill_weight > 0:
                     with torch.no_grad(), skip_layers(engine.module, new_layers):
@@ -432,10 +474,12 @@ def train_loop(config: dict) -> None:
         state.update(stage=k + 1, step_in_stage=0, bad_evals=0, best_eval=state["best_eval"])
         final = k == len(stages) - 1
         save(engine, dict(metrics, stage_done=k, final=final), ds_valid=False)
+        # free this stage's model before the next one (or the final checkpoint) loads another
+        del engine, optimizer, model, scheduler, groups, current
+        engine = None
+        gc.collect()
         if final and rank == 0:
             _write_final(config, tc, trained, state, stages)
-        del engine, optimizer
-        engine = None
     if resume_dir is not None:
         shutil.rmtree(resume_dir, ignore_errors=True)
 
@@ -479,7 +523,8 @@ def _write_final(config: dict, tc: TrainConfig, trained: dict, state: dict, stag
 
 def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_sets: dict | None = None,
                  seq_len: int = 256, name: str = "train", seed: int = 0, early_stop_on: str | None = None,
-                 trust_remote_code: bool = False, storage_path: str | None = None):
+                 trust_remote_code: bool = False, storage_path: str | None = None,
+                 callbacks: list | None = None):
     """Train and return the Ray Train ``Result``; the trained HF checkpoint lands in
     ``out_dir/model`` and per-step metrics in ``out_dir/metrics.jsonl``.
 
@@ -513,7 +558,8 @@ def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_s
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            callbacks=callbacks),  # e.g. Tune's TuneReportCallback (llamapro.tune)
         datasets={"train": train_ds},
     )
     return trainer.fit()

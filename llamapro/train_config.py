@@ -8,6 +8,7 @@ from .errors import ConfigError
 
 MODES = ("llamapro", "full", "lora", "freeze_last_n")
 MODULE_SETS = ("all", "attn", "mlp")
+CHECKPOINTING = ("frozen", "all", "off")
 
 
 @dataclass
@@ -65,8 +66,18 @@ class TrainConfig:
     """Token budget of the whole run (all stages, all workers). 0: use max_steps."""
     max_steps: int = 20
     """Optimizer steps of the whole run when max_tokens is 0."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory."""
+    gradient_checkpointing: str = "frozen"
+    """Recompute activations in backward instead of keeping them: "frozen" checkpoints the frozen
+    layers that lie above the lowest trainable one (they need their activations only to pass the
+    gradient down, never for a weight gradient), "all" every layer from the lowest trainable one up,
+    "off" none. Layers below the lowest trainable one never build a graph at all. (true/false are
+    read as all/off.)"""
+    chunked_loss: bool = True
+    """Compute the loss chunk by chunk with its gradient made in the same pass, never holding the
+    full-vocabulary logits of the batch (exact; off for logit soft-capping, ZeRO-3, distillation)."""
+    lean_malloc: bool = True
+    """Linux/glibc: serve large allocations from mmap so freed activations go back to the OS
+    instead of staying in the process's heap (peak RSS), at a small page-fault cost."""
     dtype: str = "auto"
     """auto: bf16 on GPU, fp32 on CPU. Or float32 / bfloat16."""
 
@@ -118,6 +129,11 @@ class TrainConfig:
         def bad(key, msg):
             raise ConfigError(f"train.{key}: {msg}")
 
+        gc = str(self.gradient_checkpointing).lower()
+        self.gradient_checkpointing = {"true": "all", "false": "off", "none": "off"}.get(gc, gc)
+        if self.gradient_checkpointing not in CHECKPOINTING:
+            bad("gradient_checkpointing", f"{self.gradient_checkpointing!r} is not one of "
+                f"{', '.join(CHECKPOINTING)} (or true/false)")
         if self.mode not in MODES:
             bad("mode", f"{self.mode!r} is not one of {', '.join(MODES)}")
         for m in self.trainable_modules:
