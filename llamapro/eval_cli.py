@@ -55,6 +55,28 @@ def _kv(s: str) -> tuple[str, str]:
     return k.strip(), v.strip()
 
 
+def add_heldout_args(p) -> None:
+    """--heldout / --retention / --domain / --prompts (eval and fuse --alpha auto)."""
+    p.add_argument("--heldout", action="append", type=_kv, default=[], metavar="NAME=PATH",
+                   help="a held-out set as arrays (.npz or .jsonl of input_ids/labels); repeatable. "
+                        "Without it the config's data sources are read through Ray Data")
+    p.add_argument("--retention", type=_csv, default=None, help="gate: retention set names (comma-separated)")
+    p.add_argument("--domain", type=_csv, default=None, help="gate: new-domain set names (comma-separated)")
+    p.add_argument("--prompts", default=None, help="regression prompts jsonl ('' to skip)")
+
+
+def heldout_overrides(a) -> list[str]:
+    """The dotted overrides that add_heldout_args' options stand for."""
+    ov = []
+    if a.retention is not None:
+        ov.append(f"eval.gate.retention_sets={','.join(a.retention)}")
+    if a.domain is not None:
+        ov.append(f"eval.gate.domain_sets={','.join(a.domain)}")
+    if a.prompts is not None:
+        ov.append(f"eval.prompts={a.prompts}")
+    return ov
+
+
 def add_eval_commands(subparsers) -> None:
     """Register `eval` and `export` on an argparse subparsers object."""
     e = subparsers.add_parser(
@@ -69,12 +91,7 @@ def add_eval_commands(subparsers) -> None:
     e.add_argument("--checkpoint", default=None, help="trained model directory (default: RUN/model)")
     e.add_argument("--base", default=None, help="base model directory to compare with "
                    "(default: the trained model with its new blocks skipped, when the originals were frozen)")
-    e.add_argument("--heldout", action="append", type=_kv, default=[], metavar="NAME=PATH",
-                   help="a held-out set as arrays (.npz or .jsonl of input_ids/labels); repeatable. "
-                        "Without it the config's data sources are read through Ray Data")
-    e.add_argument("--retention", type=_csv, default=None, help="gate: retention set names (comma-separated)")
-    e.add_argument("--domain", type=_csv, default=None, help="gate: new-domain set names (comma-separated)")
-    e.add_argument("--prompts", default=None, help="regression prompts jsonl ('' to skip)")
+    add_heldout_args(e)
     e.add_argument("--no-gate", action="store_true", help="evaluate and report, never exit 4")
     e.add_argument("--no-report", action="store_true", help="skip the Markdown/HTML report")
     e.add_argument("--trust-remote-code", action="store_true")
@@ -110,13 +127,7 @@ def cmd_eval(a) -> int:
     from .config import ConfigError
     from .evaluate import EvalError, format_results, load_heldout_file, run_eval
 
-    ov = list(a.overrides or [])
-    if a.retention is not None:
-        ov.append(f"eval.gate.retention_sets={','.join(a.retention)}")
-    if a.domain is not None:
-        ov.append(f"eval.gate.domain_sets={','.join(a.domain)}")
-    if a.prompts is not None:
-        ov.append(f"eval.prompts={a.prompts}")
+    ov = list(a.overrides or []) + heldout_overrides(a)
     if a.base:
         ov.append(f"eval.base={a.base}")
     if a.no_gate:

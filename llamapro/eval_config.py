@@ -204,3 +204,56 @@ class ExportConfig:
         num = s.rstrip("KMGTIB")
         if not s or not num.replace(".", "", 1).isdigit() or float(num) <= 0:
             _bad("export.max_shard_size", f"{self.max_shard_size!r}: use a size such as 500MB or 2GB")
+
+
+FUSE_METHODS = ("residual", "weighted")
+
+
+def parse_alpha(value, key: str = "fuse.alpha"):
+    """``"auto"`` or a float in [0, 1]; anything else is a ConfigError naming ``key``."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        a = float(value)
+    except (TypeError, ValueError):
+        _bad(key, f"{value!r} is neither a number in [0, 1] nor auto")
+    if not 0.0 <= a <= 1.0:  # also refuses nan
+        _bad(key, f"{a:g} is outside [0, 1] (0 gives back the base, 1 the trained model)")
+    return a
+
+
+@dataclass
+class FuseConfig:
+    """``llamapro fuse``: one standard HF directory from a trained run, with a fusion strength.
+    The output is written like an export (export.max_shard_size, dtype, base_model, license)."""
+
+    out: str = ""
+    """Destination. Empty: <run dir>/fused."""
+    method: str = "residual"
+    """residual: the trained blocks as trained (the plain LLaMA-Pro result, alpha 1). weighted:
+    each inserted block = (1 - alpha) x its identity initialisation + alpha x its trained weights."""
+    alpha: str = "auto"
+    """weighted only: a number in [0, 1] (0 gives back the base exactly, 1 the trained model), or
+    auto: evaluate `alphas` on the held-out sets of eval.gate and take the largest new-domain gain
+    that passes the regression gate."""
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """The grid alpha=auto evaluates (0, the base itself, is always added: it is the reference)."""
+    base: str = ""
+    """The base model the identity initialisation is rebuilt from. Empty: the base path recorded
+    in llamapro.json when it is still there (its fingerprint is checked), else the trained
+    checkpoint's own original layers when they were frozen (then bit-identical to the base)."""
+    force: bool = False
+    """Replace an existing output. Without it an existing non-empty destination is refused."""
+    report: bool = True
+    """For a run: write RUN/fusion/results.json and add the alpha curve to RUN/report."""
+    enabled: bool = False
+    """`llamapro run`: fuse after the export step (into <run dir>/fused)."""
+
+    def __post_init__(self):
+        if self.method not in FUSE_METHODS:
+            _bad("fuse.method", f"{self.method!r} is not one of {', '.join(FUSE_METHODS)}")
+        parse_alpha(self.alpha)
+        if not self.alphas:
+            _bad("fuse.alphas", "give at least one alpha for alpha=auto to choose from")
+        for a in self.alphas:
+            parse_alpha(a, "fuse.alphas")

@@ -211,6 +211,32 @@ def prefix_agreement(a: list, b: list) -> float:
     return k / n
 
 
+def compare_sets(role: str, base: dict, trained: dict) -> dict:
+    """One held-out set's entry of the results: base vs trained :func:`heldout_loss`."""
+    return {"role": role, "blocks": trained["blocks"], "tokens": trained["tokens"],
+            "base": {"loss": base["loss"], "ppl": base["ppl"]},
+            "trained": {"loss": trained["loss"], "ppl": trained["ppl"]},
+            "loss_change": trained["loss"] - base["loss"],
+            "ppl_change": math.expm1(trained["loss"] - base["loss"])}
+
+
+def greedy_summary(prompts: list[dict], tok, trained_ans: list, base_ans: list, max_new_tokens: int,
+                   chat_template: bool) -> dict:
+    """The ``greedy`` entry of the results: per-prompt answers of both models and their agreement."""
+    items = []
+    for rec, a, b in zip(prompts, trained_ans, base_ans):
+        items.append({**rec, "base": tok.decode(b, skip_special_tokens=True),
+                      "trained": tok.decode(a, skip_special_tokens=True),
+                      "exact": a == b, "prefix_agreement": prefix_agreement(a, b),
+                      "base_tokens": len(b), "trained_tokens": len(a)})
+    return {
+        "prompts": len(items), "max_new_tokens": max_new_tokens,
+        "chat_template": bool(chat_template and getattr(tok, "chat_template", None)),
+        "exact_match": sum(i["exact"] for i in items) / len(items),
+        "prefix_agreement": sum(i["prefix_agreement"] for i in items) / len(items),
+        "items": items}
+
+
 # --- the gate -------------------------------------------------------------------------------------
 
 def check_gate(sets: dict, greedy_res: dict | None, gate: GateConfig) -> dict:
@@ -400,6 +426,20 @@ def _rollback_check(checkpoint: Path, meta: dict, scratch: Path) -> dict:
             "removed_layers": r["removed_layers"]}
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Torch CPU threads = ``n`` inside the block (0: unchanged), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
@@ -426,15 +466,8 @@ def evaluate_checkpoint(checkpoint, heldout: dict, prompts: list[dict] | None, c
         raise EvalError(f"eval.gate names sets {missing} that have no held-out data "
                         f"(available: {sorted(heldout) or 'none'})")
     base_info = resolve_base(ckpt, meta, cfg)
-    import torch
-
-    threads = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    try:
+    with torch_threads(cfg.num_threads):
         results = _evaluate(ckpt, meta, heldout, prompts, cfg, base_info, trust_remote_code, say)
-    finally:
-        torch.set_num_threads(threads)
     results["eval_seconds"] = round(time.perf_counter() - t0, 3)
     if out_dir is not None:
         write_results(out_dir, results)
@@ -461,11 +494,7 @@ def _evaluate(ckpt: Path, meta: dict, heldout: dict, prompts, cfg: EvalConfig, b
         tr = heldout_loss(model, blocks, cfg.batch_size)
         with pair.base() as b:
             ba = heldout_loss(b, blocks, cfg.batch_size)
-        sets[name] = {"role": gate_roles.get(name, "other"), "blocks": tr["blocks"],
-                      "tokens": tr["tokens"], "base": {"loss": ba["loss"], "ppl": ba["ppl"]},
-                      "trained": {"loss": tr["loss"], "ppl": tr["ppl"]},
-                      "loss_change": tr["loss"] - ba["loss"],
-                      "ppl_change": math.expm1(tr["loss"] - ba["loss"])}
+        sets[name] = compare_sets(gate_roles.get(name, "other"), ba, tr)
 
     greedy_res = None
     if prompts:
@@ -478,18 +507,8 @@ def _evaluate(ckpt: Path, meta: dict, heldout: dict, prompts, cfg: EvalConfig, b
             tr_ans = greedy(model, batches, cfg.max_new_tokens)
             with pair.base() as b:
                 ba_ans = greedy(b, batches, cfg.max_new_tokens)
-            items = []
-            for rec, a, b in zip(prompts, tr_ans, ba_ans):
-                items.append({**rec, "base": tok.decode(b, skip_special_tokens=True),
-                              "trained": tok.decode(a, skip_special_tokens=True),
-                              "exact": a == b, "prefix_agreement": prefix_agreement(a, b),
-                              "base_tokens": len(b), "trained_tokens": len(a)})
-            greedy_res = {
-                "prompts": len(items), "max_new_tokens": cfg.max_new_tokens,
-                "chat_template": bool(cfg.chat_template and getattr(tok, "chat_template", None)),
-                "exact_match": sum(i["exact"] for i in items) / len(items),
-                "prefix_agreement": sum(i["prefix_agreement"] for i in items) / len(items),
-                "items": items}
+            greedy_res = greedy_summary(prompts, tok, tr_ans, ba_ans, cfg.max_new_tokens,
+                                        cfg.chat_template)
         else:
             say(f"{ckpt} has no tokenizer: greedy agreement skipped")
 
@@ -564,28 +583,21 @@ def locate(run_or_checkpoint) -> tuple[Path | None, Path]:
                           "(with config.json)")
 
 
-def run_eval(cfg, run_dir=None, checkpoint=None, heldout: dict | None = None,
-             trust_remote_code: bool | None = None, say=None) -> dict:
-    """The eval step of the pipeline: what ``llamapro eval`` and ``jobs/eval.py`` call.
-
-    ``cfg`` is the config tree (sections run, model, data, eval). Held-out sets are ``heldout``
-    if given, else the configured sets' held-out splits through Ray Data (a local Ray is started
-    when none is running and RAY_ADDRESS is unset). Writes results.json and, unless
-    ``eval.report`` is false, the report. Returns the results; ``results["gate"]["passed"]``
-    decides the exit code.
-    """
+def heldout_sets(cfg, ckpt, heldout: dict | None = None, say=None) -> dict:
+    """The held-out sets ``cfg.eval`` asks for: ``heldout`` (arrays) if given, else the data
+    sources' held-out splits through Ray Data (a local Ray is started when none is running and
+    RAY_ADDRESS is unset); at most eval.max_blocks blocks each."""
     say = say or (lambda m: None)
     ec: EvalConfig = cfg.eval
-    target = checkpoint or run_dir or ec.checkpoint or cfg.run.run_dir()  # arguments beat the config
-    run, ckpt = locate(target)
-    if run_dir:
-        run = Path(run_dir)
-    home = run or ckpt.parent / f"{ckpt.name}-eval"  # a bare checkpoint: results beside it
-    out_dir = Path(ec.output_dir) if ec.output_dir else home / "eval"
     if heldout is None:
         data = getattr(cfg, "data", None)
         available = [s.name for s in (data.sources if data else []) if s.eval_fraction > 0]
         names = ec.set_names(available)
+        known = data.source_names() if data else []
+        if [n for n in names if n not in known]:  # before starting Ray for nothing
+            raise EvalError(f"held-out sets {[n for n in names if n not in known]} have no held-out "
+                            f"data: give them as arrays (--heldout NAME=PATH) or configure data "
+                            f"sources of those names (configured: {known or 'none'})")
         if names:
             say(f"held-out blocks of {names} through Ray Data")
             started = _ensure_ray()
@@ -605,6 +617,28 @@ def run_eval(cfg, run_dir=None, checkpoint=None, heldout: dict | None = None,
         if unknown:
             raise EvalError(f"eval.sets {unknown} have no held-out data (available: {sorted(heldout)})")
         heldout = {n: heldout[n] for n in ec.sets}
+    return heldout
+
+
+def run_eval(cfg, run_dir=None, checkpoint=None, heldout: dict | None = None,
+             trust_remote_code: bool | None = None, say=None) -> dict:
+    """The eval step of the pipeline: what ``llamapro eval`` and ``jobs/eval.py`` call.
+
+    ``cfg`` is the config tree (sections run, model, data, eval). Held-out sets are ``heldout``
+    if given, else the configured sets' held-out splits through Ray Data (a local Ray is started
+    when none is running and RAY_ADDRESS is unset). Writes results.json and, unless
+    ``eval.report`` is false, the report. Returns the results; ``results["gate"]["passed"]``
+    decides the exit code.
+    """
+    say = say or (lambda m: None)
+    ec: EvalConfig = cfg.eval
+    target = checkpoint or run_dir or ec.checkpoint or cfg.run.run_dir()  # arguments beat the config
+    run, ckpt = locate(target)
+    if run_dir:
+        run = Path(run_dir)
+    home = run or ckpt.parent / f"{ckpt.name}-eval"  # a bare checkpoint: results beside it
+    out_dir = Path(ec.output_dir) if ec.output_dir else home / "eval"
+    heldout = heldout_sets(cfg, ckpt, heldout, say)
     prompts = load_prompts(ec.prompts, ec.max_prompts) if ec.prompts else None
     trc = cfg.model.trust_remote_code if trust_remote_code is None else trust_remote_code
     results = evaluate_checkpoint(ckpt, heldout, prompts, ec, out_dir=out_dir,

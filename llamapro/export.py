@@ -152,7 +152,10 @@ def data_mixture(meta: dict, run: Path | None) -> list[dict] | None:
 
 
 def model_card(meta: dict, export_info: dict, results: dict | None, mixture: list | None,
-               base_model: str | None = None, license: str | None = None) -> str:
+               base_model: str | None = None, license: str | None = None,
+               sections: list[str] | None = None) -> str:
+    """The README.md of an export; ``sections`` (Markdown lines, e.g. the fusion's) go before
+    the evaluation."""
     base = meta.get("base") or {}
     training = meta.get("training") or {}
     hub = base_model or _hub_id(base.get("path"))
@@ -189,8 +192,12 @@ def model_card(meta: dict, export_info: dict, results: dict | None, mixture: lis
           f"| originals frozen | {training.get('originals_frozen', '?')} |",
           f"| export fingerprint | `{export_info.get('fingerprint', '?')}` |",
           f"| dtype | {export_info.get('dtype', '?')} |",
-          f"| merged adapter | {export_info.get('merged_adapter') or 'none'} |", ""]
-    L += ["## Data mixture", ""]
+          f"| merged adapter | {export_info.get('merged_adapter') or 'none'} |"]
+    fusion = meta.get("fusion")
+    if fusion:
+        L.append(f"| fusion | {fusion['method']}, alpha {fusion['alpha']:g}"
+                 + (" (chosen by the regression gate)" if fusion.get("curve") else "") + " |")
+    L += ["", "## Data mixture", ""]
     if mixture:
         L += ["| source | kind | weight | share | paths |", "|---|---|---|---|---|"]
         L += [f"| {m['name']} | {m['kind']} | {m['weight']:g} | {m['share']:.0%} | {', '.join(map(str, m['paths']))} |"
@@ -207,6 +214,7 @@ def model_card(meta: dict, export_info: dict, results: dict | None, mixture: lis
                   f"{training.get('best_eval_loss')}; early-stopped stages: "
                   f"{training.get('early_stopped_stages') or 'none'}."
               if isinstance(training.get("tokens"), int) else "", ""]
+    L += list(sections or [])
     L += ["## Evaluation", ""]
     if results and results.get("sets"):
         L += ["| held-out set | role | base ppl | this model ppl | change |", "|---|---|---|---|---|"]
@@ -244,11 +252,9 @@ def model_card(meta: dict, export_info: dict, results: dict | None, mixture: lis
 
 # --- the export -----------------------------------------------------------------------------------
 
-def export(src, out, force: bool = False, max_shard_size: str = "2GB", dtype: str = "auto",
-           trust_remote_code: bool = False, base_model: str | None = None, license: str | None = None,
-           say=None) -> dict:
-    """Export a run (RUN/model) or checkpoint to ``out``; returns the export metadata."""
-    say = say or (lambda m: None)
+def check_destination(src, out, force: bool = False) -> tuple[Path | None, Path, Path]:
+    """(run dir or None, checkpoint dir, OUT) for writing ``src`` to ``out``; refuses, before any
+    work, an OUT that is the source (or holds it) or that exists without ``force``."""
     run, ckpt = locate_source(src)
     out = Path(out)
     o, c = out.resolve(), ckpt.resolve()
@@ -256,6 +262,15 @@ def export(src, out, force: bool = False, max_shard_size: str = "2GB", dtype: st
         raise CheckpointError(f"{out} is (or contains) the checkpoint being exported; choose another OUT")
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists; choose another path or pass --force to replace it")
+    return run, ckpt, out
+
+
+def export(src, out, force: bool = False, max_shard_size: str = "2GB", dtype: str = "auto",
+           trust_remote_code: bool = False, base_model: str | None = None, license: str | None = None,
+           say=None) -> dict:
+    """Export a run (RUN/model) or checkpoint to ``out``; returns the export metadata."""
+    say = say or (lambda m: None)
+    run, ckpt, out = check_destination(src, out, force)
     meta = read_metadata(ckpt) or {}
     results = None
     if run is not None:
@@ -264,17 +279,34 @@ def export(src, out, force: bool = False, max_shard_size: str = "2GB", dtype: st
         results = read_results(run)
     say(f"loading {ckpt}")
     model, info = load_merged(ckpt, dtype, trust_remote_code, say)
+    return write_standard_dir(model, out, ckpt, run, meta, info, results, force=force,
+                              max_shard_size=max_shard_size, dtype=dtype, base_model=base_model,
+                              license=license, say=say)
+
+
+def write_standard_dir(model, out: Path, ckpt: Path, run: Path | None, meta: dict, info: dict,
+                       results: dict | None, *, force: bool = False, max_shard_size: str = "2GB",
+                       dtype: str = "auto", base_model: str | None = None, license: str | None = None,
+                       say=None, kind: str = "exported", extra_meta: dict | None = None,
+                       card_sections: list[str] | None = None, extra_files: dict | None = None) -> dict:
+    """Write the loaded ``model`` (from ``ckpt``) to ``out`` atomically: shards, side files,
+    ``llamapro.json`` (``kind``, lineage, ``extra_meta``) and the model card. ``extra_files``
+    maps a file name in OUT to a file to copy there. Returns the export metadata."""
+    say = say or (lambda m: None)
     src_cfg_dtype = None
     if (ckpt / "config.json").is_file():
         cfg = read_config(ckpt)
         src_cfg_dtype = cfg.get("dtype") or cfg.get("torch_dtype")
     out_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    c = ckpt.resolve()
     with atomic_dir(out, force=force) as tmp:
         say(f"writing safetensors shards (max {max_shard_size}) to {tmp.name}")
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if info["weights_from"] != str(ckpt):
             copy_side_files(Path(info["weights_from"]), tmp, skip=(CARD_FILE, *ADAPTER_FILES))
         copied = copy_side_files(ckpt, tmp, skip=(CARD_FILE, *ADAPTER_FILES))
+        for name, path in (extra_files or {}).items():
+            shutil.copyfile(path, tmp / name)
         cfg = read_config(tmp)
         n = num_layers_of(cfg)
         want = meta.get("num_layers")
@@ -294,11 +326,13 @@ def export(src, out, force: bool = False, max_shard_size: str = "2GB", dtype: st
         }
         new_meta = dict(meta) if meta else {"version": METADATA_VERSION, "new_layer_indices": [],
                                             "num_layers": n}
-        new_meta["kind"] = "exported"
+        new_meta["kind"] = kind
         new_meta["export"] = export_info
+        new_meta.update(extra_meta or {})
         write_metadata(tmp, new_meta)
         (tmp / CARD_FILE).write_text(model_card(new_meta, export_info, results,
-                                                data_mixture(meta, run), base_model, license),
+                                                data_mixture(meta, run), base_model, license,
+                                                card_sections),
                                      encoding="utf-8")
     stale = sorted(p.name for p in out.parent.glob(f".{out.name}.tmp-*"))
     return {"out": str(out), "metadata_file": str(out / METADATA_FILE), **export_info,

@@ -308,6 +308,81 @@ def plot_greedy(results: dict, path: Path) -> bool:
     return True
 
 
+def _set_colors(sets: dict) -> dict[str, str]:
+    roles = [s["role"] for s in sets.values()]
+    by_role = all(roles.count(r) == 1 and r in ROLE_COLORS for r in roles)
+    return {n: ROLE_COLORS[s["role"]] if by_role else SET_COLORS[i % len(SET_COLORS)]
+            for i, (n, s) in enumerate(sets.items())}
+
+
+def plot_alpha_curve(fusion: dict | None, path: Path) -> bool:
+    """`llamapro fuse --alpha auto`: held-out perplexity and its change against alpha, the gate's
+    limits, the alphas that fail it, and the one chosen."""
+    curve = (fusion or {}).get("curve") or []
+    if len(curve) < 2:
+        return False
+    xs = [p["alpha"] for p in curve]
+    sets = curve[0]["sets"]
+    colors = _set_colors(sets)
+    fig = _figure(11, 4.6)
+    ax1, ax2 = fig.subplots(1, 2)
+    for n, s in sets.items():
+        ys = [p["sets"][n]["trained"]["ppl"] for p in curve]
+        label = n if n == s["role"] else f"{n} ({s['role']})"
+        ax1.plot(xs, ys, "-o", color=colors[n], lw=2, label=label)
+        ax2.plot(xs, [100 * p["sets"][n]["ppl_change"] for p in curve], "-o", color=colors[n], lw=2,
+                 label=label)
+        for x, y in zip(xs, ys):
+            ax1.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(0, 5), ha="center",
+                         fontsize=7, color=colors[n])
+    changes = [100 * p["sets"][n]["ppl_change"] for p in curve for n in sets]
+    span = max(changes) - min(changes) or 1.0
+    for c in curve[0]["gate"].get("checks", []):
+        if c.get("set") in sets:
+            lim = 100 * c["threshold"] if c["check"] == "max_retention_ppl_increase" else -100 * c["threshold"]
+            off = not min(changes) - 2 * span <= lim <= max(changes) + 2 * span  # keep the curves readable
+            ax2.axhline(lim if not off else float("nan"), color=colors[c["set"]], ls="--", lw=1.2,
+                        label=f"gate limit, {c['set']}: {lim + 0.0:+.3g}%" + (" (off scale)" if off else ""))
+    half = min((b - a for a, b in zip(xs, xs[1:])), default=0.1) / 2
+    failed = [p["alpha"] for p in curve if not p["gate"]["passed"]]
+    for i, x in enumerate(failed):
+        ax2.axvspan(x - half, x + half, color="#d62728", alpha=0.12, lw=0,
+                    label="gate fails at this alpha" if i == 0 else None)
+    chosen = fusion.get("alpha")
+    for ax in (ax1, ax2):
+        if isinstance(chosen, (int, float)):
+            ax.axvline(chosen, color="black", ls=":", lw=1.5, label=f"chosen alpha = {chosen:g}")
+        ax.set_xlabel("alpha (0: base, 1: trained model)")
+        ax.set_xlim(min(xs) - half, max(xs) + half)
+        ax.grid(alpha=0.3)
+    ys_all = [p["sets"][n]["trained"]["ppl"] for p in curve for n in sets]
+    if max(ys_all) / max(1e-9, min(ys_all)) > 20:
+        ax1.set_yscale("log")
+    ax2.axhline(0, color="black", lw=0.8)
+    ax1.set_ylabel("held-out perplexity")
+    ax1.set_title("Held-out perplexity vs fusion strength")
+    ax2.set_ylabel("perplexity change vs base (%)")
+    ax2.set_title("Change vs base and the regression gate")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    fig.savefig(path)
+    return True
+
+
+def curve_table(fusion: dict) -> tuple[list[str], list[list[str]]]:
+    """The alpha curve as a table: per alpha, each set's perplexity (change), domain gain, gate."""
+    curve = fusion.get("curve") or []
+    names = list(curve[0]["sets"]) if curve else []
+    head = ["alpha"] + [f"{n} ({curve[0]['sets'][n]['role']}) ppl" for n in names] + ["domain gain", "gate"]
+    rows = []
+    for p in curve:
+        mark = " (chosen)" if p["alpha"] == fusion.get("alpha") else ""
+        rows.append([f"{p['alpha']:g}{mark}"]
+                    + [f"{p['sets'][n]['trained']['ppl']:.4g} ({p['sets'][n]['ppl_change']:+.2%})" for n in names]
+                    + [f"{p['domain_gain']:+.2%}", "pass" if p["gate"]["passed"] else "FAIL"])
+    return head, rows
+
+
 # --- text -----------------------------------------------------------------------------------------
 
 def _bytes(n) -> str:
@@ -352,7 +427,7 @@ def rollback_sentence(meta: dict | None, results: dict | None) -> str:
 
 
 def _sections(run_dir: Path, ckpt: Path | None, meta: dict | None, events: list, results: dict | None,
-              images: dict[str, bool]) -> tuple[str, list]:
+              images: dict[str, bool], fusion: dict | None = None) -> tuple[str, list]:
     name = run_dir.resolve().name
     title = f"llamapro report: {name}"
     S: list = []
@@ -456,6 +531,18 @@ def _sections(run_dir: Path, ckpt: Path | None, meta: dict | None, events: list,
                 lrows.append([task, metric, "?" if b is None else f"{b:.4g}", f"{v:.4g}"])
         S.append(("table", ["task", "metric", "base", "trained"], lrows))
 
+    if fusion:
+        S.append(("h2", "Fusion"))
+        S.append(("p", f"`llamapro fuse --method {fusion['method']}` wrote `{fusion.get('out', '?')}` with "
+                       f"alpha = {fusion['alpha']:g} (0: the base, 1: the trained model)."
+                       + (f" Identity initialisation: {fusion['identity_from']}."
+                          if fusion["method"] == "weighted" else "")))
+        if fusion.get("curve"):
+            S.append(("p", fusion.get("choice") or ""))
+            if images.get("alpha_curve.png"):
+                S.append(("img", "alpha_curve.png", "Held-out perplexity against the fusion strength alpha"))
+            S.append(("table", *curve_table(fusion)))
+
     S.append(("h2", "Rollback"))
     S.append(("p", rollback_sentence(meta, results)))
 
@@ -493,12 +580,13 @@ def render_markdown(title: str, sections: list) -> str:
         elif kind == "img":
             out += [f"![{sec[2]}]({sec[1]})", ""]
         elif kind == "table":
-            head, rows = sec[1], sec[2]
-            out.append("| " + " | ".join(_md_cell(h) for h in head) + " |")
-            out.append("|" + "|".join("---" for _ in head) + "|")
-            out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
-            out.append("")
+            out += md_table(sec[1], sec[2]) + [""]
     return "\n".join(out)
+
+
+def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(_md_cell(h) for h in head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+            + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows])
 
 
 _CSS = """
@@ -563,10 +651,11 @@ def build_report(run_dir, eval_results: dict | None = None, out_dir=None) -> Pat
     run_dir = Path(run_dir)
     run, ckpt = _locate(run_dir)
     meta = read_metadata(ckpt) if ckpt else None
-    if eval_results is None:
-        from .evaluate import read_results
+    from .evaluate import read_results
 
+    if eval_results is None:
         eval_results = read_results(run)
+    fusion = read_results(run / "fusion")  # written by `llamapro fuse` on this run
     events = read_events(run)
     out = Path(out_dir) if out_dir else run / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -578,8 +667,9 @@ def build_report(run_dir, eval_results: dict | None = None, out_dir=None) -> Pat
         "perplexity.png": plot_perplexity(eval_results, out / "perplexity.png") if eval_results else False,
         "stack.png": plot_stack(meta, out / "stack.png"),
         "greedy.png": plot_greedy(eval_results, out / "greedy.png") if eval_results else False,
+        "alpha_curve.png": plot_alpha_curve(fusion, out / "alpha_curve.png"),
     }
-    title, sections = _sections(run, ckpt, meta, events, eval_results, images)
+    title, sections = _sections(run, ckpt, meta, events, eval_results, images, fusion)
     (out / "report.md").write_text(render_markdown(title, sections) + "\n", encoding="utf-8")
     page = out / "report.html"
     page.write_text(render_html(title, sections) + "\n", encoding="utf-8")

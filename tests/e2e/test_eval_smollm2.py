@@ -1,6 +1,7 @@
 """The real SmolLM2-135M-Instruct: expand, train briefly (Ray Train + DeepSpeed, 2 workers), then
 `llamapro eval` (held-out perplexity, greedy agreement, gate), the report, `llamapro export`, and
-`llamapro strip` on the export giving back the base exactly.
+`llamapro strip` on the export giving back the base exactly, and `llamapro fuse --alpha auto` with
+its alpha curve in the report.
 
 Data (until the data pipeline is wired in here): real text that ships with Python itself. New
 domain: the standard library's own source code (textwrap.py, shlex.py); retention: CPython's
@@ -147,3 +148,40 @@ def test_eval_report_export_rollback(trained, capsys):
     r = strip(str(exp), str(root / "restored"), progress=False)
     assert r["equals_base"]
     assert content_digest(root / "restored") == content_digest(base)
+
+
+def test_fuse_alpha_curve_in_the_report(trained, capsys):
+    """`llamapro fuse --method weighted --alpha auto` on the trained run: the alpha curve (held-out
+    perplexity of the new domain and of retention against alpha) lands in the report as a PNG, and
+    the fused model is the chosen point of the curve."""
+    from llamapro.cli import main
+
+    root, base = trained
+    run = root / "run"
+    code = main(["fuse", str(run), str(root / "fused"), "eval.max_blocks=4", "eval.num_threads=1",
+                 "--method", "weighted", "--alpha", "auto",
+                 "--heldout", f"stdlib-source={root / 'stdlib-source.npz'}",
+                 "--heldout", f"python-license={root / 'python-license.npz'}",
+                 "--domain", "stdlib-source", "--retention", "python-license", "-q"])
+    out = capsys.readouterr()
+    assert code == 0, out.err  # alpha 0 (the base) always passes this gate, so auto always finds one
+    f = json.loads((run / "fusion" / "results.json").read_text())
+    curve = {p["alpha"]: p for p in f["curve"]}
+    assert sorted(curve) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    dom = {a: p["sets"]["stdlib-source"]["trained"]["ppl"] for a, p in curve.items()}
+    ret = {a: p["sets"]["python-license"]["trained"]["ppl"] for a, p in curve.items()}
+    print("alpha curve (stdlib-source ppl, python-license ppl):",
+          {a: (round(dom[a], 4), round(ret[a], 4)) for a in sorted(curve)}, "chosen", f["alpha"])
+    assert dom[1.0] < dom[0.0] and 1.0 < min(dom.values()) and max(ret.values()) < 1000
+    passing = [p for p in f["curve"] if p["gate"]["passed"]]
+    assert curve[0.0]["gate"]["passed"] and f["alpha"] == max(passing, key=lambda p: p["domain_gain"])["alpha"]
+    assert all(p["sets"]["stdlib-source"]["tokens"] == 4 * (SEQ - 1) for p in f["curve"])
+    html = (run / "report" / "report.html").read_text()
+    assert 'src="alpha_curve.png"' in html and "alpha = auto" in html
+    _png_ok(run / "report" / "alpha_curve.png")
+    fused = root / "fused"
+    meta = json.loads((fused / "llamapro.json").read_text())
+    assert meta["kind"] == "fused" and meta["fusion"]["alpha"] == f["alpha"]
+    assert json.loads((fused / "config.json").read_text())["num_hidden_layers"] == 33
+    card = (fused / "README.md").read_text()
+    assert f"**alpha = {f['alpha']:g}**" in card and "(chosen)" in card and (fused / "alpha_curve.png").is_file()
