@@ -3,15 +3,16 @@
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
         python jobs/export.py --config jobs/configs/eval_demo.yaml export.force=true
 
-Reads run, model and export; writes export.out (default <run dir>/export) atomically: an
+Reads run, model and export; writes export.out (default <run dir>/export; either may be a URI such
+as s3://bucket/runs/demo/export: written locally, then uploaded) atomically: an
 interrupted job leaves the previous export intact, and an existing one is replaced only when
 export.force is true. Exit codes: 0 ok, 2 bad input (e.g. the export exists and force is false).
 """
 
 import argparse
 import sys
-from pathlib import Path
 
+from llamapro import storage
 from llamapro.checkpoint import CheckpointError
 from llamapro.config import ConfigError
 from llamapro.eval_cli import EXIT_BAD_INPUT, load
@@ -25,11 +26,16 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         cfg = load(a.config, a.overrides)
-        run, xc = Path(cfg.run.run_dir()), cfg.export
-        res = export(run, xc.out or run / "export", force=xc.force, max_shard_size=xc.max_shard_size,
-                     dtype=xc.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                     base_model=xc.base_model or None, license=xc.license or None,
-                     say=lambda m: print(f"[export] {m}", flush=True))
+        xc = cfg.export
+        with storage.synced(cfg.run.run_dir(), pull=["model", "eval", "config.yaml"],
+                            push=[] if xc.out else ["export"]) as run:
+            out = storage.local_dir(xc.out) if xc.out else run / "export"
+            res = export(run, out, force=xc.force, max_shard_size=xc.max_shard_size,
+                         dtype=xc.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                         base_model=xc.base_model or None, license=xc.license or None,
+                         say=lambda m: print(f"[export] {m}", flush=True))
+            if storage.is_uri(xc.out):
+                storage.upload(out, xc.out)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -7,13 +7,21 @@ Every step reads and writes plain directories under ``<run.output_dir>/<run.name
     eval/ report/      llamapro eval: results.json, report.{md,html} + PNGs
     export/            llamapro export: a clean HF directory with a model card
     baseline-<mode>/   the same for a baseline (full, lora, freeze_last_n) on the unexpanded base
+
+``run.output_dir`` may be a URI (``s3://``, ``gs://``, ``file://``): each step then works in a local
+copy, downloads what it reads and uploads what it writes (``llamapro.storage``), and Ray Train
+checkpoints go straight to ``<run dir>/ray`` behind the URI, so a run's steps and its Train workers
+may run on different nodes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import posixpath
 from pathlib import Path
+
+from . import storage
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +48,30 @@ def ensure_ray(cfg=None) -> None:
 
 
 def run_dir(cfg) -> Path:
-    return Path(cfg.run.run_dir())
+    """The run directory this process works in (a local copy when run.output_dir is a URI)."""
+    return storage.local_dir(cfg.run.run_dir())
 
 
 def expanded_dir(cfg) -> Path:
     return run_dir(cfg) / "expanded"
 
 
-def expand_step(cfg, force: bool = True, progress: bool = True) -> dict:
-    from . import steps
+def base_model_dir(cfg) -> str:
+    """The base model as a local directory: demo:NAME converted once, a URI downloaded once."""
     from .demo import resolve_model
 
-    return steps.expand(resolve_model(cfg.model.base), str(expanded_dir(cfg)), blocks=cfg.expand.blocks,
-                        strategy=cfg.expand.strategy, positions=cfg.expand.positions or None,
-                        residual_writers=cfg.expand.residual_writers or None, verify=cfg.expand.verify,
-                        force=force, trust_remote_code=cfg.model.trust_remote_code, progress=progress)
+    return resolve_model(storage.localize(cfg.model.base))
+
+
+def expand_step(cfg, force: bool = True, progress: bool = True) -> dict:
+    from . import steps
+
+    with storage.synced(cfg.run.run_dir(), push=["expanded"]):
+        return steps.expand(base_model_dir(cfg), str(expanded_dir(cfg)), blocks=cfg.expand.blocks,
+                            strategy=cfg.expand.strategy, positions=cfg.expand.positions or None,
+                            residual_writers=cfg.expand.residual_writers or None,
+                            verify=cfg.expand.verify, force=force,
+                            trust_remote_code=cfg.model.trust_remote_code, progress=progress)
 
 
 def eval_blocks(cfg, model_dir: str, per_source: int) -> dict:
@@ -81,20 +98,26 @@ def train_step(cfg, mode: str | None = None) -> dict:
     """Train the expanded model (mode llamapro) or a baseline on the base; returns a summary."""
     import dataclasses
 
+    tc = cfg.train if mode is None else dataclasses.replace(cfg.train, mode=mode)
+    sub = "" if tc.mode == "llamapro" else f"baseline-{tc.mode}"
+    outputs = [posixpath.join(sub, f) for f in ("model", "metrics.jsonl", "config.yaml")]
+    with storage.synced(cfg.run.run_dir(), pull=["expanded"] if not sub else [],
+                        push=outputs) as rd:
+        return _train(cfg, tc, rd / sub if sub else rd,
+                      storage.train_storage_path(cfg.run.run_dir(), posixpath.join(sub, "ray")))
+
+
+def _train(cfg, tc, out: Path, storage_path: str | None) -> dict:
     from .data import build_train_dataset
-    from .demo import resolve_model
     from .train import run_training
 
-    tc = cfg.train if mode is None else dataclasses.replace(cfg.train, mode=mode)
     if tc.mode == "llamapro":
         model_dir = expanded_dir(cfg)
         if not (model_dir / "llamapro.json").is_file():
             log.info("no expanded checkpoint at %s yet: expanding first", model_dir)
             expand_step(cfg)
-        out = run_dir(cfg)
     else:
-        model_dir = Path(resolve_model(cfg.model.base))
-        out = run_dir(cfg) / f"baseline-{tc.mode}"
+        model_dir = Path(base_model_dir(cfg))
     if not cfg.data.sources:
         raise ValueError("data.sources is empty: configure at least one corpus to train on")
     ensure_ray(cfg)
@@ -113,7 +136,7 @@ def train_step(cfg, mode: str | None = None) -> dict:
     early = tc.early_stop_on or (cfg.data.sources[0].name if cfg.data.sources else None)
     result = run_training(tc, str(model_dir), str(out), train_ds, evals, seq_len=cfg.data.seq_len,
                           name=f"{cfg.run.name}-{tc.mode}", seed=cfg.run.seed, early_stop_on=early,
-                          trust_remote_code=cfg.model.trust_remote_code)
+                          trust_remote_code=cfg.model.trust_remote_code, storage_path=storage_path)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     return {"out": str(out), "model": str(out / "model"), "metrics": result.metrics}
@@ -142,11 +165,29 @@ def ensure_demo_corpora(cfg) -> None:
         build_corpora(names=missing, say=lambda m: None)
 
 
+def chat_once(base_url: str, model: str, question: str = "What is the capital of France?",
+              max_tokens: int = 24, timeout: float = 300, api_key: str | None = None) -> dict:
+    """One greedy chat completion from an OpenAI-compatible endpoint (``base_url`` ends in /v1):
+    {model, answer, usage}."""
+    import json
+    import urllib.request
+
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": question}]}
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(f"{base_url.rstrip('/')}/chat/completions",
+                                 data=json.dumps(body).encode(), headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        resp = json.loads(r.read())
+    return {"model": resp.get("model"), "answer": resp["choices"][0]["message"]["content"],
+            "usage": resp.get("usage")}
+
+
 def serve_smoke(cfg, export_dir: Path, base_dir: str) -> dict:
     """Deploy base + exported model behind the OpenAI API, ask one chat question, shut down."""
-    import json
     import socket
-    import urllib.request
 
     from ray import serve
 
@@ -163,37 +204,36 @@ def serve_smoke(cfg, export_dir: Path, base_dir: str) -> dict:
     scfg = serve_config_from_dict(sc)
     try:
         deploy(scfg, wait_s=600)
-        body = {"model": "expanded", "max_tokens": 24, "temperature": 0,
-                "messages": [{"role": "user", "content": "What is the capital of France?"}]}
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
-                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=300) as r:
-            resp = json.loads(r.read())
-        return {"model": resp.get("model"), "answer": resp["choices"][0]["message"]["content"],
-                "usage": resp.get("usage")}
+        return chat_once(f"http://127.0.0.1:{port}/v1", "expanded")
     finally:
         serve.shutdown()
 
 
 def run_pipeline(cfg, quick: bool = False) -> dict:
     """expand -> verify -> train -> evaluate (gate) -> report -> export -> serve smoke."""
-    import json
-    import time
-
-    from .demo import resolve_model
-    from .evaluate import run_eval
-    from .export import export
-
     if cfg.serve:  # fail before any work on a bad serve section
         from .serve import serve_config_from_dict
 
         serve_config_from_dict(dict(cfg.serve))
+    # expand and train upload their own outputs; the rest goes up when the run succeeds
+    outputs = ["eval", "report", "export", "summary.json"]
+    outputs += [f"baseline-{m}/{d}" for m in cfg.run.baselines for d in ("eval", "report")]
+    outputs += ["fused", "fusion"] if cfg.fuse.enabled and not cfg.fuse.out else []
+    with storage.synced(cfg.run.run_dir(), push=outputs) as rd:
+        return _run_pipeline(cfg, rd, quick)
+
+
+def _run_pipeline(cfg, rd: Path, quick: bool) -> dict:
+    import json
+    import time
+
+    from .evaluate import run_eval
+    from .export import export
+
     t0 = time.perf_counter()
-    rd = run_dir(cfg)
-    rd.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"run_dir": str(rd)}
+    summary: dict = {"run_dir": cfg.run.run_dir()}
     _say(f"[1/7] base model {cfg.model.base}")
-    base_dir = resolve_model(cfg.model.base)
+    base_dir = base_model_dir(cfg)
     _say(f"[2/7] expand {cfg.expand.blocks} blocks ({cfg.expand.strategy}) and prove identity")
     meta = expand_step(cfg, progress=not quick)
     v = meta.get("verification") or {}
@@ -222,6 +262,12 @@ def run_pipeline(cfg, quick: bool = False) -> dict:
     exp = export(str(runs["llamapro"]), str(rd / "export"), force=True,
                  max_shard_size=cfg.export.max_shard_size)
     summary["export"] = str(rd / "export")
+    if cfg.fuse.enabled:  # optional: the alpha curve into the report, a fused model beside the export
+        from .fuse import run_fuse
+
+        _say(f"      fuse ({cfg.fuse.method}, alpha {cfg.fuse.alpha}) -> {rd / 'fused'}")
+        fz = run_fuse(cfg, str(runs["llamapro"]), cfg.fuse.out or str(rd / "fused"), force=True)
+        summary["fuse"] = {"out": fz["out"], "method": fz["fusion"]["method"], "alpha": fz["fusion"]["alpha"]}
     _say("[7/7] serve: one chat request through the OpenAI API")
     summary["serve"] = serve_smoke(cfg, rd / "export", base_dir)
     summary["seconds"] = round(time.perf_counter() - t0, 1)

@@ -1,0 +1,130 @@
+"""A tiny training job across a real two-node Ray cluster on this machine (a `ray start --head`
+plus a `ray start --address` node, token auth on): one Train worker on each node, checkpoints on
+shared storage (a ``file://`` URI, handled exactly like ``s3://``), the worker node killed mid-run,
+a fresh node added, and the run resuming from its last checkpoint.
+
+Pinning without custom resources: each node has 3 logical CPUs and a Train worker takes 2, so the
+placement group can only put one worker per node (and 1 CPU per node is left for Ray Data).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llamapro import storage
+from tests.integration.ray_cli_cluster import ROOT, LocalCluster
+from tests.unit.eval_support import make_base
+
+pytestmark = pytest.mark.integration
+
+NODE_CPUS, WORKER_CPUS = 3, 2
+MAX_STEPS, EVERY = 12, 4
+WORDS = "apt dpkg systemd journal unit socket mount cgroup namespace kernel module udev".split()
+
+
+def _registered_steps(ray_storage: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered (persisted in its snapshot)."""
+    try:
+        d = json.loads((ray_storage / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [r["metrics"]["step"] for r in d.get("checkpoint_results", [])]
+
+
+def _worker_pids(run: Path) -> dict[int, int]:
+    out = {}
+    for rank in (0, 1):
+        try:
+            out[rank] = int((run / f"worker-{rank}.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            pass
+    return out
+
+
+def _placement(cluster, pids: dict[int, int]) -> list[int]:
+    """The index of the node hosting each worker (sorted by rank); -1 when none does."""
+    return [next((i for i, n in enumerate(cluster.nodes) if n.hosts(pid)), -1)
+            for _, pid in sorted(pids.items())]
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    base = make_base(tmp_path)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(WORDS[(i + j) % len(WORDS)]
+                                                           for j in range(60))}) + "\n"
+                              for i in range(160)))
+    shared = tmp_path / "shared"  # every node's view of the same storage
+    cfg = {
+        "run": {"name": "tn", "output_dir": f"file://{shared}/runs"},
+        "model": {"base": str(base)},
+        "expand": {"blocks": 2, "verify": False},
+        "data": {"seq_len": 32, "actors": 1, "sources": [
+            {"name": "domain", "paths": [str(corpus)], "eval_fraction": 0.1}]},
+        "train": {"max_steps": MAX_STEPS, "checkpoint_every": EVERY, "eval_every": 100,
+                  "eval_batches": 1, "micro_batch_size": 2, "lr": 1e-3, "num_workers": 2,
+                  "cpus_per_worker": WORKER_CPUS, "zero_stage": 2, "max_failures": 2},
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LLAMAPRO_CACHE", str(cache))  # where the job's local copy of the run is
+    return {"config": str(path), "uri": cfg["run"]["output_dir"] + "/tn", "cache": cache,
+            "shared_run": shared / "runs" / "tn"}
+
+
+def test_training_resumes_after_losing_a_node(work):
+    with LocalCluster(num_cpus=NODE_CPUS, env={"LLAMAPRO_CACHE": str(work["cache"])}) as cluster:
+        worker_node = cluster.add_node(num_cpus=NODE_CPUS)
+        client = cluster.job_client()
+        job = client.submit_job(entrypoint=f"python jobs/train.py --config {work['config']}",
+                                runtime_env={"working_dir": str(ROOT), **yaml.safe_load(
+                                    (ROOT / "cluster/runtime_env.yaml").read_text())})
+        local_run = storage.local_dir(work["uri"])  # the driver's copy: metrics, worker pids
+        ckpts = work["shared_run"] / "ray" / "tn-llamapro"  # Ray Train writes to the URI itself
+        deadline = time.monotonic() + 480  # generous: a busy 2-core machine starts workers slowly
+        while time.monotonic() < deadline:
+            reg, pids = _registered_steps(ckpts), _worker_pids(local_run)
+            if reg and len(pids) == 2:
+                break
+            assert str(client.get_job_status(job).value) in ("PENDING", "RUNNING"), \
+                client.get_job_logs(job)[-4000:]
+            time.sleep(0.1)
+        else:
+            pytest.fail("no checkpoint within 480 s:\n" + client.get_job_logs(job)[-4000:])
+        assert sorted(_placement(cluster, pids)) == [0, 1], ("one worker on each node", pids)
+        killed_after = max(reg)
+        assert killed_after < MAX_STEPS, "the run ended before the node could be lost"
+        cluster.kill_node(worker_node)
+        cluster.add_node(num_cpus=NODE_CPUS)  # a replacement, as an autoscaler would start
+
+        placed_again, deadline = None, time.monotonic() + 600
+        while time.monotonic() < deadline:
+            status = str(client.get_job_status(job).value)
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                break
+            new = _worker_pids(local_run)  # the restarted workers overwrite the pid files
+            if placed_again is None and len(new) == 2 and not set(new.values()) & set(pids.values()):
+                where = _placement(cluster, new)
+                placed_again = where if -1 not in where else None
+            time.sleep(0.5)
+        logs = client.get_job_logs(job)
+        assert status == "SUCCEEDED", logs[-5000:]
+        assert "resuming at stage" in logs
+        # after the restart, again one worker per node: the head and the replacement
+        assert placed_again is not None and sorted(placed_again) == [0, 2], (placed_again, logs[-3000:])
+
+    events = [json.loads(line) for line in
+              (work["shared_run"] / "metrics.jsonl").read_text().splitlines()]  # uploaded
+    resumes = [e for e in events if e["event"] == "resume"]
+    assert resumes, "the run restarted from scratch instead of resuming"
+    assert resumes[0]["step"] >= killed_after and resumes[0]["step"] % EVERY == 0
+    ran = [e["step"] for e in events if e["event"] == "step"]
+    assert max(ran) == MAX_STEPS and ran.count(1) == 1  # never restarted from step 0
+    meta = json.loads((work["shared_run"] / "model" / "llamapro.json").read_text())
+    assert meta["kind"] == "trained" and meta["training"]["steps"] == MAX_STEPS
