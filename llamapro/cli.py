@@ -106,6 +106,46 @@ def cmd_train(a) -> int:
     return EXIT_OK
 
 
+def cmd_fuse(a) -> int:
+    """0 fused; 2 bad input; 4 --alpha auto: no alpha of the grid passes the regression gate."""
+    from .eval_cli import heldout_overrides, load
+    from .eval_config import EXIT_GATE_FAILED
+    from .evaluate import EvalError, load_heldout_file
+    from .fuse import NoAlphaPassesGate, format_fusion, run_fuse
+
+    ov = list(a.overrides) + heldout_overrides(a) + [
+        f"{k}={v}" for k, v in (("fuse.method", a.method), ("fuse.alpha", a.alpha), ("fuse.alphas", a.alphas),
+                                ("fuse.base", a.base), ("export.max_shard_size", a.max_shard_size),
+                                ("export.dtype", a.dtype), ("export.base_model", a.base_model)) if v is not None]
+    say = (lambda m: None) if a.quiet else (lambda m: print(f"[fuse] {m}", file=sys.stderr, flush=True))
+    try:
+        cfg = load(a.config, ov)
+        heldout = {n: load_heldout_file(n, p) for n, p in a.heldout} or None
+        res = run_fuse(cfg, a.source, a.out, heldout=heldout, force=a.force, alpha_given=a.alpha is not None,
+                       trust_remote_code=a.trust_remote_code or None, say=say)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NoAlphaPassesGate as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_GATE_FAILED
+    print(json.dumps(res, indent=2) if a.json else format_fusion(res))
+    return EXIT_OK
+
+
+def cmd_tune(a) -> int:
+    """A Ray Tune experiment over insertion positions, block counts, stage ratios, LR, any key."""
+    from .config import load_config
+    from .tune import format_summary, run_tune
+
+    s = run_tune(load_config(a.config, a.overrides), force=a.force)
+    print(format_summary(s))
+    if s["status"].get("unfinished"):
+        print("some trials did not finish: run the same command again to resume", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK if s.get("best") else EXIT_ERROR
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llamapro", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -161,14 +201,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shortcut for train.mode")
     t.set_defaults(fn=cmd_train)
 
+    tu = sub.add_parser("tune", help="search insertion positions, block counts, stage ratios, LR "
+                                     "(Ray Tune over real training runs, ASHA-stopped)")
+    tu.add_argument("--config", required=True, help="YAML config with a tune section (tune.space)")
+    tu.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.num_samples=8")
+    tu.add_argument("--force", action="store_true",
+                    help="start the experiment over instead of resuming an interrupted one")
+    tu.set_defaults(fn=cmd_tune)
+
     # each step's commands live beside it
     from .data_cli import add_data_commands
-    from .eval_cli import add_eval_commands
+    from .eval_cli import add_eval_commands, add_heldout_args
     from .serve_cli import add_serve_commands
 
     add_data_commands(sub)
     add_eval_commands(sub)
     add_serve_commands(sub)
+
+    f = sub.add_parser("fuse", help="a trained run as one standard HF model, with a fusion strength alpha",
+                       description="residual: the trained blocks as they are (adapters merged). weighted: "
+                       "each inserted block = (1 - alpha) x identity init + alpha x trained; alpha 0 is the "
+                       "base, 1 the trained model; auto picks the largest new-domain gain that passes the "
+                       "regression gate on the held-out sets. Written atomically like `export`.")
+    f.add_argument("source", metavar="RUN_OR_CHECKPOINT")
+    f.add_argument("out", metavar="OUT")
+    f.add_argument("--method", choices=["residual", "weighted"], default=None, help="default: fuse.method")
+    f.add_argument("--alpha", default=None, help="weighted: a number in [0, 1], or auto")
+    f.add_argument("--alphas", default=None, help="the grid --alpha auto evaluates, e.g. 0,0.25,0.5,0.75,1")
+    f.add_argument("--base", default=None, help="base to rebuild the identity init from "
+                   "(default: the recorded base, else the frozen originals)")
+    f.add_argument("--config", default=None, help="YAML config (sections data, eval, export, fuse)")
+    f.add_argument("overrides", nargs="*", help="dotted overrides, right after OUT, e.g. eval.max_blocks=8")
+    add_heldout_args(f)
+    f.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    f.add_argument("--max-shard-size", default=None, help="largest safetensors shard, e.g. 500MB")
+    f.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    f.add_argument("--base-model", default=None, help="hub id for the model card's base_model")
+    f.add_argument("--trust-remote-code", action="store_true")
+    f.add_argument("--json", action="store_true")
+    f.add_argument("-q", "--quiet", action="store_true")
+    f.set_defaults(fn=cmd_fuse)
     return p
 
 

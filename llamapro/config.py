@@ -244,6 +244,9 @@ class Config:
     train: "TrainConfig" = field(default_factory=lambda: TrainConfig())
     eval: "EvalConfig" = field(default_factory=lambda: EvalConfig())
     export: "ExportConfig" = field(default_factory=lambda: ExportConfig())
+    tune: "TuneConfig" = field(default_factory=lambda: TuneConfig())
+    """`llamapro tune`: the search space, objective and scheduler (llamapro/tune_config.py)."""
+    fuse: "FuseConfig" = field(default_factory=lambda: FuseConfig())
     serve: dict = field(default_factory=dict)
     """The serve section, validated strictly by llamapro.serve.ServeConfig when serving starts
     (it lives beside the Serve app, which imports Ray; `llamapro run` validates it up front)."""
@@ -251,8 +254,9 @@ class Config:
 
 # The step sections live beside their steps (pure modules, no torch/ray); they import ConfigError
 # from here, so they are imported after it exists.
-from .eval_config import EvalConfig, ExportConfig  # noqa: E402
+from .eval_config import EvalConfig, ExportConfig, FuseConfig  # noqa: E402
 from .train_config import TrainConfig  # noqa: E402
+from .tune_config import TuneConfig  # noqa: E402
 
 
 # --- machinery ------------------------------------------------------------------------------------

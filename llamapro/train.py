@@ -115,15 +115,19 @@ def build_ds_config(tc: TrainConfig, bf16: bool) -> dict:
         "train_micro_batch_size_per_gpu": tc.micro_batch_size,
         "gradient_accumulation_steps": tc.grad_accum,
         "gradient_clipping": tc.max_grad_norm,
-        "zero_optimization": {"stage": tc.zero_stage},
+        # one worker has nothing to partition: ZeRO-1/2 would only add flat fp32 buffers (measured:
+        # +0.2 GB peak on SmolLM2), so a single worker runs stage 0; ZeRO-3 stays (offload users)
+        "zero_optimization": {"stage": tc.zero_stage if tc.num_workers > 1 or tc.zero_stage == 3 else 0},
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if tc.zero_stage in (1, 2):
+    if cfg["zero_optimization"]["stage"] in (1, 2):
+        # buckets sized for the trainable subset: 5e6 elements (20 MB fp32) instead of DeepSpeed's
+        # 5e8, whose contiguous-gradient buffer alone would outweigh a small model's new blocks
         cfg["zero_optimization"].update({"overlap_comm": False, "contiguous_gradients": True,
-                                         "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7})
+                                         "reduce_bucket_size": 5e6, "allgather_bucket_size": 5e6})
     if tc.deepspeed_config:
         user = json.loads(Path(tc.deepspeed_config).read_text())
         _deep_update(cfg, user)
@@ -237,6 +241,14 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _rss() -> int:
+    """Current resident memory of this process, in bytes."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
 def _optimizer_state_numel(optimizer) -> int:
     """Elements of optimizer state (Adam moments) summed over all ranks: with only the new blocks
     handed to DeepSpeed this is 2 x their parameter count, whatever the ZeRO partitioning."""
@@ -284,6 +296,7 @@ def train_loop(config: dict) -> None:
     tc = from_dict(TrainConfig, config["train"], "train")
     if tc.lean_malloc:
         _lean_malloc()
+    rss_at_start = _rss()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, tc.cpus_per_worker))
@@ -399,7 +412,9 @@ def train_loop(config: dict) -> None:
         log({"event": "stage_start", "stage": k, "name": stage.name, "layers": stage.layers,
              "steps": stage.steps, "trainable_params": n_train, "total_params": n_all,
              "optimizer_groups": group_sizes, "checkpointed_layers": checkpointed,
-             "chunked_loss": chunked})
+             "chunked_loss": chunked, "zero_stage": engine.zero_optimization_stage(),
+             "rss_at_start_bytes": rss_at_start, "rss_bytes": _rss(),
+             "peak_rss_bytes": _peak_rss()})
         engine.train()
         stopped, metrics = False, {"step": state["global_step"], "stage": k}
         while state["step_in_stage"] < stage.steps and not stopped:
@@ -434,7 +449,7 @@ def train_loop(config: dict) -> None:
             lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(getattr(optimizer, "param_groups", []))}
             rec = {"event": "step", "step": state["global_step"], "stage": k, "loss": loss_acc,
                    "tokens": state["tokens"], "tokens_per_s": tokens_per_step / dt, "step_s": dt, "lr": lrs,
-                   "peak_rss_bytes": _peak_rss()}
+                   "peak_rss_bytes": _peak_rss(), "rss_bytes": _rss()}
             if tc.distill_weight > 0:
                 rec["kl"] = kl_acc
             log(rec)

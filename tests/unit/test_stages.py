@@ -66,6 +66,10 @@ def test_deepspeed_config_is_a_pure_function_with_user_override(tmp_path):
     cfg = build_ds_config(TrainConfig(deepspeed_config=str(user)), bf16=True)
     assert cfg["zero_optimization"]["stage"] == 1 and cfg["zero_optimization"]["reduce_bucket_size"] == 1000
     assert cfg["bf16"]["enabled"]
+    # one worker has nothing to partition: stage 1/2 become 0, stage 3 stays
+    assert build_ds_config(TrainConfig(num_workers=1, zero_stage=2), bf16=False)["zero_optimization"]["stage"] == 0
+    assert build_ds_config(TrainConfig(num_workers=1, zero_stage=3), bf16=False)["zero_optimization"]["stage"] == 3
+    assert build_ds_config(TrainConfig(num_workers=2, zero_stage=2), bf16=False)["zero_optimization"]["stage"] == 2
 
 
 def test_select_parameters_trains_only_the_stage_and_modules():
