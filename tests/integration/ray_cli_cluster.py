@@ -90,7 +90,11 @@ class LocalCluster:
             self._start(["--head", "--port", str(self.gcs_port), "--dashboard-port",
                          str(self.dashboard_port), "--include-dashboard", "true",
                          "--ray-client-server-port", str(free_port())], num_cpus)
-            self._wait(lambda: self.api("/api/version") and self.alive_nodes(), 180, "the head")
+            self._wait(lambda: self.api("/api/version") and self.alive_nodes(), 300, "the head")
+        except TimeoutError as e:
+            tail = self.log_tail()
+            self.stop()
+            raise TimeoutError(f"{e}; its `ray start` log:\n{tail}") from None
         except BaseException:
             self.stop()
             raise
