@@ -158,23 +158,28 @@ def _registered_steps(storage: Path) -> list[int]:
     return [r["metrics"]["step"] for r in d.get("checkpoint_results", [])]
 
 
-def test_resume_after_worker_killed(ray_local, expanded):
-    out = expanded / "killed"
-    out.mkdir()
+def _kill_after_checkpoint(out: Path, name: str, rank: int):
+    """A thread that SIGKILLs worker ``rank`` of run ``name`` once a mid-run checkpoint is
+    registered (all ranks reported, persisted); the dict it fills says after which step."""
     killed = {}
 
     def killer():
-        # kill rank 1 once a mid-run checkpoint is registered (all ranks reported, persisted)
         deadline = time.time() + 300
         while time.time() < deadline:
-            reg = _registered_steps(out / "ray" / "killed")
-            if reg and (out / "worker-1.pid").exists():
-                os.kill(int((out / "worker-1.pid").read_text()), signal.SIGKILL)
+            reg = _registered_steps(out / "ray" / name)
+            if reg and (out / f"worker-{rank}.pid").exists():
+                os.kill(int((out / f"worker-{rank}.pid").read_text()), signal.SIGKILL)
                 killed["after_checkpoint"] = max(reg)
                 return
             time.sleep(0.05)
 
-    t = threading.Thread(target=killer, daemon=True)
+    return threading.Thread(target=killer, daemon=True), killed
+
+
+def test_resume_after_worker_killed(ray_local, expanded):
+    out = expanded / "killed"
+    out.mkdir()
+    t, killed = _kill_after_checkpoint(out, "killed", rank=1)
     t.start()
     ds, ev = _data(ray_local)
     tc = TrainConfig(max_steps=24, lr=3e-3, micro_batch_size=4, eval_every=100, checkpoint_every=4,
@@ -217,22 +222,10 @@ def test_rerun_with_same_name_resumes(ray_local, expanded):
     rerun with the same name and storage path - the "my job was preempted" path."""
     out = expanded / "rerun"
     out.mkdir()
-    killed = {}
-
-    def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            reg = _registered_steps(out / "ray" / "rerun")
-            if reg and (out / "worker-0.pid").exists():
-                os.kill(int((out / "worker-0.pid").read_text()), signal.SIGKILL)
-                killed["after_checkpoint"] = max(reg)
-                return
-            time.sleep(0.05)
-
+    t, killed = _kill_after_checkpoint(out, "rerun", rank=0)
     ds, ev = _data(ray_local)
     tc = TrainConfig(max_steps=16, lr=3e-3, micro_batch_size=4, eval_every=100, checkpoint_every=4,
                      max_failures=0, zero_stage=1)
-    t = threading.Thread(target=killer, daemon=True)
     t.start()
     failed = None
     try:
