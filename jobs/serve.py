@@ -16,28 +16,9 @@ import os
 import sys
 
 from llamapro.config import ConfigError
-from llamapro.pipeline import chat_once
-from llamapro.serve import absolutize_paths, deploy, describe, load_serve_config
+from llamapro.serve import absolutize_paths, deploy, describe, job_runtime_env, load_serve_config, smoke_chat
 
 EXIT_DEPLOY_FAILED, EXIT_BAD_INPUT = 1, 2
-# the parts of the job's runtime env its replicas need (code, packages, env vars)
-RUNTIME_ENV_KEYS = ("working_dir", "py_modules", "pip", "uv", "conda", "env_vars")
-
-
-def job_runtime_env() -> dict | None:
-    import ray
-
-    env = dict(ray.get_runtime_context().runtime_env or {})
-    env = {k: env[k] for k in RUNTIME_ENV_KEYS if env.get(k)}
-    return env or None
-
-
-def _api_key(cfg) -> str | None:
-    if cfg.api_key_env:
-        return os.environ.get(cfg.api_key_env) or None
-    if cfg.api_key_file and os.path.isfile(os.path.expanduser(cfg.api_key_file)):
-        return open(os.path.expanduser(cfg.api_key_file)).read().strip() or None
-    return None
 
 
 def main(argv=None) -> int:
@@ -69,9 +50,7 @@ def main(argv=None) -> int:
         return EXIT_DEPLOY_FAILED
     print(describe(cfg), flush=True)
     if not a.no_smoke:
-        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-        url = f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1"
-        r = chat_once(url, cfg.served_model_name, api_key=_api_key(cfg))
+        r = smoke_chat(cfg)
         print(f"smoke: {r['model']} answered {r['answer']!r}", flush=True)
     return 0
 

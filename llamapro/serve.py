@@ -1582,6 +1582,32 @@ def cluster_cpus_needed(cfg: ServeConfig) -> float:
     return total
 
 
+# the parts of a Ray job's runtime env its replicas need (code, packages, env vars)
+JOB_RUNTIME_ENV_KEYS = ("working_dir", "py_modules", "pip", "uv", "conda", "env_vars")
+
+
+def job_runtime_env() -> dict | None:
+    """The runtime env of the Ray job this process runs in, reduced to what replicas need."""
+    import ray
+
+    env = dict(ray.get_runtime_context().runtime_env or {})
+    env = {k: env[k] for k in JOB_RUNTIME_ENV_KEYS if env.get(k)}
+    return env or None
+
+
+def smoke_chat(cfg: ServeConfig) -> dict:
+    """One greedy chat request to a deployed app, with its API key when this process can read it."""
+    from .pipeline import chat_once
+
+    try:
+        key = _read_api_key({"api_key_env": cfg.api_key_env, "api_key_file": cfg.api_key_file})
+    except RuntimeError:
+        key = None  # the key lives where the ingress runs; the request then shows the 401
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    url = f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1"
+    return chat_once(url, cfg.served_model_name, api_key=key)
+
+
 def describe(cfg: ServeConfig) -> str:
     w = cfg.weights()
     base = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1"
