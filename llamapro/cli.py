@@ -32,7 +32,8 @@ def cmd_expand(a) -> int:
 
     meta = steps.expand(a.base, a.out, blocks=a.blocks, strategy=a.strategy, positions=a.positions,
                         residual_writers=a.residual_writers, verify=not a.no_verify, force=a.force,
-                        trust_remote_code=a.trust_remote_code, progress=not a.quiet)
+                        trust_remote_code=a.trust_remote_code, progress=not a.quiet,
+                        durable=not a.no_fsync)
     print(steps.dumps(meta) if a.json else f"expanded -> {a.out}\n{steps.summary(meta)}")
     return EXIT_OK
 
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for an unlisted family: module paths that write into the residual stream")
     e.add_argument("--no-verify", action="store_true", help="skip the numerical proof")
     e.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    e.add_argument("--no-fsync", action="store_true",
+                   help="publish without waiting for the data to reach the disk (like cp; for "
+                        "scratch output uploaded right away)")
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--json", action="store_true", help="print the metadata as JSON")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -99,8 +99,10 @@ def check_structure(base_config: dict, expanded_config: dict, new_sources: dict,
 
 def expand(base: str, out: str, blocks: int | None = None, strategy: str | None = "even",
            positions=None, residual_writers=None, verify: bool = True, force: bool = False,
-           trust_remote_code: bool = False, progress: bool = True, verify_max_gb: float = 16.0) -> dict:
-    """Expand ``base`` into ``out`` and prove it. Returns the metadata."""
+           trust_remote_code: bool = False, progress: bool = True, verify_max_gb: float = 16.0,
+           durable: bool = True) -> dict:
+    """Expand ``base`` into ``out`` and prove it. Returns the metadata. ``durable=False`` skips the
+    fsync before publishing (see ``checkpoint.atomic_dir``)."""
     t0 = time.perf_counter()
     base_dir = resolve_local(base)
     config = read_config(base_dir)
@@ -115,7 +117,7 @@ def expand(base: str, out: str, blocks: int | None = None, strategy: str | None 
         return check_structure(config, new_config, sources, trust_remote_code)
 
     meta = stream_expand(base_dir, Path(out), placement, family, force=force, progress=progress,
-                         base_ref=str(base_dir), before_publish=structure)
+                         base_ref=str(base_dir), before_publish=structure, durable=durable)
     out_dir = Path(out)
     meta["expand_seconds"] = round(time.perf_counter() - t0, 3)
     write_metadata(out_dir, meta)
