@@ -14,6 +14,9 @@ DESIGN.md. Rows (levers added one at a time, then variants):
   +malloc    + large allocations from mmap (freed activations go back to the OS)
   default    + checkpointing of the frozen layers above the lowest new block (the shipped default)
   ckpt-all   checkpointing of every layer from the lowest new block up, instead
+  heap       the default with glibc's default heap (lean_malloc off): faster, fragmented
+  heap-all   heap + checkpointing of every layer from the lowest new block up
+  heap-off   heap + no checkpointing (the fastest; the most memory)
   zero0/1    the default at ZeRO stage 0 / 1 (the default row is ZeRO-2)
   bf16       the default in bf16 (DeepSpeed bf16: bf16 weights and activations, fp32 master
              weights of the trainable blocks)
@@ -23,7 +26,8 @@ DESIGN.md. Rows (levers added one at a time, then variants):
 Printed per row: median step time (steps 3..N), tokens/s, the training worker's peak RSS (its
 ``ru_maxrss``, summed over workers: the process that holds the model, what the peer figures
 measure), the peak PSS of the whole process tree under this driver (Ray's own processes, the data
-pipeline's workers and the training worker(s); sampled every 0.2 s), the loss curve's largest
+pipeline's workers and the training worker(s); sampled every 2 s: reading smaps takes the
+kernel's mmap lock of every process, and at 0.2 s it slowed training by itself), the loss curve's largest
 deviation from the naive row (same data: the dataset is materialized once), and ratios.
 Targets (issue "Training efficiency"): >= 245 tokens/s and worker peak RSS <= 2.2 GB at once in
 fp32, step time <= 0.55x full fine-tuning; issue "Train": step <= 0.65x, peak memory <= 0.40x full.
@@ -50,6 +54,9 @@ ROWS = {
     "+chunked": dict(chunked_loss=True, lean_malloc=False, gradient_checkpointing="off"),
     "+malloc": dict(chunked_loss=True, lean_malloc=True, gradient_checkpointing="off"),
     "default": dict(),
+    "heap": dict(lean_malloc=False),
+    "heap-all": dict(lean_malloc=False, gradient_checkpointing="all"),
+    "heap-off": dict(lean_malloc=False, gradient_checkpointing="off"),
     "ckpt-all": dict(gradient_checkpointing="all"),
     "zero0": dict(zero_stage=0),
     "zero1": dict(zero_stage=1),
@@ -92,7 +99,7 @@ class _Sampler(threading.Thread):
     def run(self):
         while not self.stop.is_set():
             self.peak = max(self.peak, _tree_pss(os.getpid()))
-            time.sleep(0.2)
+            self.stop.wait(2.0)
 
 
 def main() -> None:
