@@ -78,33 +78,76 @@ def _listing(fs, p: str) -> dict[str, int]:
             if i.type == pafs.FileType.File}
 
 
+_SMALL = 1 << 20  # files up to this size are compared by content, larger ones by size
+
+
+def _same(fs_a, a: str, fs_b, b: str) -> bool:
+    """Whether two trees hold the same files: same relative paths and sizes, and byte-equal small
+    files. The small files (config, ``llamapro.json`` with its fingerprint, steps and timings,
+    metrics, safetensors indexes) tell two versions of a model apart even when every shard has
+    the same size, e.g. the same shapes trained twice or expanded with another strategy."""
+    la, lb = _listing(fs_a, a), _listing(fs_b, b)
+    if la != lb:
+        return False
+    for rel, size in la.items():
+        if size <= _SMALL:
+            pa, pb = (a + "/" + rel if rel else a), (b + "/" + rel if rel else b)
+            with fs_a.open_input_stream(pa) as fa, fs_b.open_input_stream(pb) as fb:
+                if fa.read() != fb.read():
+                    return False
+    return True
+
+
+@contextlib.contextmanager
+def _locked(dest: Path):
+    """One writer per local copy: several Train workers on one node localize the same model."""
+    from filelock import FileLock
+
+    locks = default_cache_dir() / "locks"  # not beside dest: a run directory stays clean
+    locks.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / (hashlib.sha256(str(dest).encode()).hexdigest()[:16] + ".lock"))):
+        yield
+
+
 def download(uri: str, dest) -> bool:
-    """Copy a file or directory tree at ``uri`` to local ``dest``, replacing it unless it already
-    holds the same files with the same sizes. False when ``uri`` does not exist."""
+    """Copy a file or directory tree at ``uri`` to local ``dest``, unless ``dest`` already holds
+    the same files (see ``_same``). The copy lands beside ``dest`` and replaces it in one rename,
+    under a lock, so a reader never sees half a tree. False when ``uri`` does not exist."""
     import pyarrow.fs as pafs
 
     fs, p = _fs(uri)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.NotFound:
         return False
-    dest = Path(dest)
-    if dest.exists() and _listing(fs, p) == _listing(pafs.LocalFileSystem(), str(dest.resolve())):
-        return True
-    if dest.is_dir():
-        shutil.rmtree(dest)
-    (dest if info.type == pafs.FileType.Directory else dest.parent).mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(p, str(dest.resolve()), source_filesystem=fs,
-                    destination_filesystem=pafs.LocalFileSystem())
+    dest = Path(dest).absolute()
+    local = pafs.LocalFileSystem()
+    with _locked(dest):
+        if dest.exists() and _same(fs, p, local, str(dest.resolve())):
+            return True
+        tmp = dest.parent / f".{dest.name}.part-{os.getpid()}"
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        if info.type == pafs.FileType.Directory:
+            tmp.mkdir(parents=True)
+        pafs.copy_files(p, str(tmp), source_filesystem=fs, destination_filesystem=local)
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
     return True
 
 
 def upload(src, uri: str) -> None:
     """Copy local file or directory ``src`` to ``uri``; a directory replaces what was there, so
-    no stale shard of an older version survives beside the new one."""
+    no stale shard of an older version survives beside the new one. Nothing is copied when
+    ``uri`` already holds the same files (e.g. rank 0 uploaded them, the driver pushes again)."""
     import pyarrow.fs as pafs
 
     src = Path(src)
     fs, p = _fs(uri)
+    if (fs.get_file_info(p).type != pafs.FileType.NotFound
+            and _same(pafs.LocalFileSystem(), str(src.resolve()), fs, p)):
+        return
     if src.is_dir():
         if fs.get_file_info(p).type != pafs.FileType.NotFound:
             fs.delete_dir(p)
@@ -117,12 +160,12 @@ def upload(src, uri: str) -> None:
 
 def localize(path: str) -> str:
     """A local path for something to read (e.g. a base model at ``s3://...``): URIs are
-    downloaded into the cache once (again when the local copy is missing); anything else is
+    downloaded into the cache (again only when the remote copy changed); anything else is
     returned unchanged."""
     if not is_uri(path):
         return path
     dest = local_dir(path)
-    if not dest.exists() and not download(path, dest):
+    if not download(path, dest):
         raise FileNotFoundError(f"{path} does not exist")
     return str(dest)
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import storage
 from .checkpoint import METADATA_FILE, METADATA_VERSION, atomic_dir, copy_side_files, read_metadata
 from .config import from_dict
 from .fastloss import causal_lm_ce_sum, masked_ce_sum, supports_chunked_loss  # noqa: F401
@@ -304,7 +305,13 @@ def train_loop(config: dict) -> None:
     use_cuda = tc.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", ctx.get_local_rank()) if use_cuda else torch.device("cpu")
     bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and use_cuda)
+    out_uri = config.get("out_uri")
+    if config.get("model_uri"):  # no shared file system: each node keeps its own copy
+        config["model_dir"] = storage.localize(config["model_uri"])
+    if out_uri:  # this node's working copy of the run; rank 0 uploads what it writes there
+        config["out_dir"] = str(storage.local_dir(out_uri))
     model_dir, out_dir = config["model_dir"], Path(config["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
     new_layers = config["new_layers"]
     seq_len = config["seq_len"]
 
@@ -323,6 +330,8 @@ def train_loop(config: dict) -> None:
         if (resume_dir / TRAINED_FILE).is_file():
             trained = load_file(resume_dir / TRAINED_FILE)
         if rank == 0:
+            if out_uri:  # this node may not be the one that wrote the metrics so far
+                storage.download(storage.join(out_uri, "metrics.jsonl"), out_dir / "metrics.jsonl")
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"event": "resume", "step": state["global_step"],
                                     "stage": state["stage"]}) + "\n")
@@ -372,6 +381,8 @@ def train_loop(config: dict) -> None:
                 save_file({k: v.contiguous() for k, v in trained.items()}, str(d / TRAINED_FILE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
         shutil.rmtree(d, ignore_errors=True)
+        if rank == 0 and out_uri and metrics_path.is_file():  # progress visible beside the checkpoints
+            storage.upload(metrics_path, storage.join(out_uri, "metrics.jsonl"))
 
     for k in range(state["stage"], len(stages)):
         stage = stages[k]
@@ -526,12 +537,15 @@ def _write_final(config: dict, tc: TrainConfig, trained: dict, state: dict, stag
         "early_stopped_stages": state["early_stopped"], "best_eval_loss": state["best_eval"],
         "originals_frozen": tc.mode == "llamapro" and tc.original_lr == 0 and not tc.train_norms
         and not tc.train_embeddings and not tc.train_lm_head,
-        "trained_from": config["model_dir"],
+        "trained_from": config.get("model_uri") or config["model_dir"],
     }
     with atomic_dir(out, force=True) as tmp:
         model.save_pretrained(tmp)
         copy_side_files(Path(config["model_dir"]), tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    if config.get("out_uri"):  # the driver (maybe on another node) fetches it from there
+        storage.upload(out, storage.join(config["out_uri"], "model"))
+        storage.upload(Path(config["out_dir"]) / "metrics.jsonl", storage.join(config["out_uri"], "metrics.jsonl"))
 
 
 # --- the driver -----------------------------------------------------------------------------------
@@ -539,13 +553,20 @@ def _write_final(config: dict, tc: TrainConfig, trained: dict, state: dict, stag
 def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_sets: dict | None = None,
                  seq_len: int = 256, name: str = "train", seed: int = 0, early_stop_on: str | None = None,
                  trust_remote_code: bool = False, storage_path: str | None = None,
-                 callbacks: list | None = None):
+                 callbacks: list | None = None, model_uri: str | None = None,
+                 out_uri: str | None = None):
     """Train and return the Ray Train ``Result``; the trained HF checkpoint lands in
     ``out_dir/model`` and per-step metrics in ``out_dir/metrics.jsonl``.
 
     ``eval_sets`` maps a held-out set's name to ``{"input_ids": [[...]], "labels": [[...]]}``
     (small and fixed, so every evaluation sees the same tokens). Rerunning with the same ``name``
     and ``storage_path`` resumes from the latest checkpoint.
+
+    Without a file system shared by every node, give URIs (``s3://``, ``gs://``, ``file://``):
+    ``model_uri`` is the same checkpoint as ``model_dir`` (the driver's local copy), and each
+    worker downloads it to its own node; rank 0 works in its node's copy of ``out_uri`` and
+    uploads the metrics (at every checkpoint) and the final model there, and the driver then
+    fetches both into ``out_dir``.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -561,8 +582,8 @@ def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_s
     config = {"train": asdict(tc), "model_dir": str(Path(model_dir).resolve()), "out_dir": str(out),
               "new_layers": new_layers, "seq_len": seq_len, "seed": seed,
               "eval_sets": eval_sets or {}, "early_stop_on": early_stop_on,
-              "trust_remote_code": trust_remote_code}
-    storage = storage_path or str(out / "ray")
+              "trust_remote_code": trust_remote_code, "model_uri": model_uri, "out_uri": out_uri}
+    storage_dir = storage_path or str(out / "ray")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
@@ -571,10 +592,14 @@ def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_s
             num_workers=tc.num_workers, use_gpu=tc.use_gpu,
             resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
+            name=name, storage_path=storage_dir,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             callbacks=callbacks),  # e.g. Tune's TuneReportCallback (llamapro.tune)
         datasets={"train": train_ds},
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if out_uri and result.error is None:  # rank 0 may have run on another node
+        for rel in ("model", "metrics.jsonl"):
+            storage.download(storage.join(out_uri, rel), out / rel)
+    return result

@@ -101,7 +101,8 @@ class LocalCluster:
 
     # --- nodes ---------------------------------------------------------------------------------
 
-    def _start(self, args: list[str], num_cpus: int, resources: dict | None = None) -> Node:
+    def _start(self, args: list[str], num_cpus: int, resources: dict | None = None,
+               env: dict | None = None) -> Node:
         n = len(self.nodes)
         log = Path(self.temp_dir) / f"node-{n}.log"
         ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
@@ -112,16 +113,18 @@ class LocalCluster:
         if resources:
             cmd += ["--resources", json.dumps(resources)]
         with open(log, "w") as f:  # the child holds its own descriptor
-            proc = subprocess.Popen(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(cmd, env={**self.env, **(env or {})}, stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True, cwd=self.temp_dir)
         node = Node(proc, log, head=not self.nodes)
         self.nodes.append(node)
         return node
 
-    def add_node(self, num_cpus: int, resources: dict | None = None, timeout: float = 240) -> Node:
-        """Start a worker node (`ray start --address`) and wait until the cluster counts it."""
+    def add_node(self, num_cpus: int, resources: dict | None = None, timeout: float = 240,
+                 env: dict | None = None) -> Node:
+        """Start a worker node (`ray start --address`) and wait until the cluster counts it.
+        ``env`` adds to this node's environment (its workers inherit it)."""
         known = {n["node_id"] for n in self.alive_nodes()}  # (a just-killed node may still count)
-        node = self._start(["--address", self.gcs_address], num_cpus, resources)
+        node = self._start(["--address", self.gcs_address], num_cpus, resources, env)
         try:
             self._wait(lambda: {n["node_id"] for n in self.alive_nodes()} - known, timeout,
                        "the new node")

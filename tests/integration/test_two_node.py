@@ -3,6 +3,10 @@ plus a `ray start --address` node, token auth on): one Train worker on each node
 shared storage (a ``file://`` URI, handled exactly like ``s3://``), the worker node killed mid-run,
 a fresh node added, and the run resuming from its last checkpoint.
 
+No file system is shared either: each node has its own llamapro cache (``LLAMAPRO_CACHE``), so a
+worker finds the expanded model only by downloading it from the run's URI into its node's cache,
+and rank 0's metrics and final model reach the driver only through the URI.
+
 Pinning without custom resources: each node has 3 logical CPUs and a Train worker takes 2, so the
 placement group can only put one worker per node (and 1 CPU per node is left for Ray Data).
 """
@@ -13,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -36,13 +41,24 @@ def _registered_steps(ray_storage: Path) -> list[int]:
     return [r["metrics"]["step"] for r in d.get("checkpoint_results", [])]
 
 
-def _worker_pids(run: Path) -> dict[int, int]:
+def _node_copy(cache: Path, uri: str) -> Path:
+    """Where a node whose LLAMAPRO_CACHE is ``cache`` keeps its copy of ``uri``."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("LLAMAPRO_CACHE", str(cache))
+        return storage.local_dir(uri)
+
+
+def _worker_pids(runs: list[Path]) -> dict[int, int]:
+    """Each worker writes its pid into its own node's copy of the run directory."""
     out = {}
     for rank in (0, 1):
-        try:
-            out[rank] = int((run / f"worker-{rank}.pid").read_text())
-        except (FileNotFoundError, ValueError):
-            pass
+        for run in runs:
+            try:
+                pid = int((run / f"worker-{rank}.pid").read_text())
+            except (FileNotFoundError, ValueError):
+                continue
+            if psutil.pid_exists(pid) or rank not in out:
+                out[rank] = pid
     return out
 
 
@@ -79,17 +95,18 @@ def work(tmp_path, monkeypatch):
 
 
 def test_training_resumes_after_losing_a_node(work):
-    with LocalCluster(num_cpus=NODE_CPUS, env={"LLAMAPRO_CACHE": str(work["cache"])}) as cluster:
-        worker_node = cluster.add_node(num_cpus=NODE_CPUS)
+    caches = [work["cache"], work["cache"].with_name("cache-node1"), work["cache"].with_name("cache-node2")]
+    runs = [_node_copy(c, work["uri"]) for c in caches]
+    with LocalCluster(num_cpus=NODE_CPUS, env={"LLAMAPRO_CACHE": str(caches[0])}) as cluster:
+        worker_node = cluster.add_node(num_cpus=NODE_CPUS, env={"LLAMAPRO_CACHE": str(caches[1])})
         client = cluster.job_client()
         job = client.submit_job(entrypoint=f"python jobs/train.py --config {work['config']}",
                                 runtime_env={"working_dir": str(ROOT), **yaml.safe_load(
                                     (ROOT / "cluster/runtime_env.yaml").read_text())})
-        local_run = storage.local_dir(work["uri"])  # the driver's copy: metrics, worker pids
         ckpts = work["shared_run"] / "ray" / "tn-llamapro"  # Ray Train writes to the URI itself
         deadline = time.monotonic() + 480  # generous: a busy 2-core machine starts workers slowly
         while time.monotonic() < deadline:
-            reg, pids = _registered_steps(ckpts), _worker_pids(local_run)
+            reg, pids = _registered_steps(ckpts), _worker_pids(runs)
             if reg and len(pids) == 2:
                 break
             assert str(client.get_job_status(job).value) in ("PENDING", "RUNNING"), \
@@ -101,14 +118,14 @@ def test_training_resumes_after_losing_a_node(work):
         killed_after = max(reg)
         assert killed_after < MAX_STEPS, "the run ended before the node could be lost"
         cluster.kill_node(worker_node)
-        cluster.add_node(num_cpus=NODE_CPUS)  # a replacement, as an autoscaler would start
+        cluster.add_node(num_cpus=NODE_CPUS, env={"LLAMAPRO_CACHE": str(caches[2])})  # a replacement
 
         placed_again, deadline = None, time.monotonic() + 600
         while time.monotonic() < deadline:
             status = str(client.get_job_status(job).value)
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 break
-            new = _worker_pids(local_run)  # the restarted workers overwrite the pid files
+            new = _worker_pids(runs)  # the restarted workers overwrite the pid files
             if placed_again is None and len(new) == 2 and not set(new.values()) & set(pids.values()):
                 where = _placement(cluster, new)
                 placed_again = where if -1 not in where else None
@@ -128,3 +145,11 @@ def test_training_resumes_after_losing_a_node(work):
     assert max(ran) == MAX_STEPS and ran.count(1) == 1  # never restarted from step 0
     meta = json.loads((work["shared_run"] / "model" / "llamapro.json").read_text())
     assert meta["kind"] == "trained" and meta["training"]["steps"] == MAX_STEPS
+    # every worker node downloaded the expanded model into its own cache, from the URI
+    expanded_uri = work["uri"] + "/expanded"
+    for c in caches[1:]:
+        assert (_node_copy(c, expanded_uri) / "llamapro.json").is_file(), c
+    assert meta["training"]["trained_from"] == expanded_uri
+    # and the driver's run copy holds what rank 0 uploaded, wherever rank 0 ran
+    assert (runs[0] / "model" / "llamapro.json").read_text() == \
+        (work["shared_run"] / "model" / "llamapro.json").read_text()

@@ -71,6 +71,42 @@ def test_upload_replaces_a_directory_and_download_refreshes_a_stale_copy(tmp_pat
         storage.localize(uri + "-missing")
 
 
+def test_same_sized_new_version_is_not_mistaken_for_the_cached_one(tmp_path, cache):
+    """A model re-expanded with another strategy (or trained again) has shards of the same sizes;
+    its small files (llamapro.json, config) differ, and that is enough to refresh the copy."""
+    uri = f"file://{tmp_path}/bucket/expanded"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.safetensors").write_text("A" * 64)
+    (src / "llamapro.json").write_text('{"strategy": "even"}')
+    storage.upload(src, uri)
+    local = storage.localize(uri)
+    (src / "model.safetensors").write_text("B" * 64)  # same size
+    (src / "llamapro.json").write_text('{"strategy": "top!"}')  # same size, other bytes
+    storage.upload(src, uri)
+    assert storage.localize(uri) == local
+    assert _tree(storage.local_dir(uri)) == _tree(src)
+
+
+def test_upload_of_what_is_already_there_copies_nothing(tmp_path, cache):
+    """Rank 0 uploads the trained model; the driver's push of the same files is then free."""
+    import os
+
+    uri = f"file://{tmp_path}/bucket/model"
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(os.urandom(2 << 20))  # large: compared by size
+    (src / "config.json").write_text("{}")
+    storage.upload(src, uri)
+    remote = tmp_path / "bucket" / "model" / "model.safetensors"
+    before = remote.stat().st_ino, remote.stat().st_mtime_ns
+    storage.upload(src, uri)
+    assert (remote.stat().st_ino, remote.stat().st_mtime_ns) == before
+    (src / "config.json").write_text('{"x": 1}')
+    storage.upload(src, uri)  # a changed small file: uploaded again
+    assert (tmp_path / "bucket" / "model" / "config.json").read_text() == '{"x": 1}'
+
+
 def _job(name):
     import importlib.util
     from pathlib import Path
