@@ -96,18 +96,32 @@ def eval_blocks(cfg, model_dir: str, per_source: int) -> dict:
 
 def train_step(cfg, mode: str | None = None) -> dict:
     """Train the expanded model (mode llamapro) or a baseline on the base; returns a summary."""
-    import dataclasses
+    from .train_config import baseline_of
 
-    tc = cfg.train if mode is None else dataclasses.replace(cfg.train, mode=mode)
+    tc = cfg.train if mode is None else baseline_of(cfg.train, mode)
     sub = "" if tc.mode == "llamapro" else f"baseline-{tc.mode}"
     outputs = [posixpath.join(sub, f) for f in ("model", "metrics.jsonl", "config.yaml")]
     with storage.synced(cfg.run.run_dir(), pull=["expanded"] if not sub else [],
                         push=outputs) as rd:
         return _train(cfg, tc, rd / sub if sub else rd,
-                      storage.train_storage_path(cfg.run.run_dir(), posixpath.join(sub, "ray")))
+                      storage.train_storage_path(cfg.run.run_dir(), posixpath.join(sub, "ray")), sub)
 
 
-def _train(cfg, tc, out: Path, storage_path: str | None) -> dict:
+def _uris(cfg, tc, sub: str) -> tuple[str | None, str | None]:
+    """For a run directory behind a URI: where Train workers on any node find the model they
+    start from, and where rank 0 puts what it writes. (A local run dir is assumed to be a path
+    every node sees, such as an NFS or PVC mount, or a one-node cluster.)"""
+    rd = cfg.run.run_dir()
+    if not storage.is_uri(rd):
+        return None, None
+    if tc.mode == "llamapro":
+        model_uri = storage.join(rd, "expanded")
+    else:  # a baseline starts from the base: a URI is shared; a local path or hub id must resolve on every node
+        model_uri = cfg.model.base if storage.is_uri(cfg.model.base) else None
+    return model_uri, storage.join(rd, sub) if sub else rd
+
+
+def _train(cfg, tc, out: Path, storage_path: str | None, sub: str) -> dict:
     from .data import build_train_dataset
     from .train import run_training
 
@@ -136,7 +150,8 @@ def _train(cfg, tc, out: Path, storage_path: str | None) -> dict:
     early = tc.early_stop_on or (cfg.data.sources[0].name if cfg.data.sources else None)
     result = run_training(tc, str(model_dir), str(out), train_ds, evals, seq_len=cfg.data.seq_len,
                           name=f"{cfg.run.name}-{tc.mode}", seed=cfg.run.seed, early_stop_on=early,
-                          trust_remote_code=cfg.model.trust_remote_code, storage_path=storage_path)
+                          trust_remote_code=cfg.model.trust_remote_code, storage_path=storage_path,
+                          **dict(zip(("model_uri", "out_uri"), _uris(cfg, tc, sub))))
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     return {"out": str(out), "model": str(out / "model"), "metrics": result.metrics}

@@ -174,3 +174,16 @@ class TrainConfig:
             per_step = self.micro_batch_size * self.grad_accum * self.num_workers * seq_len
             return max(1, self.max_tokens // per_step)
         return self.max_steps
+
+
+def baseline_of(tc: TrainConfig, mode: str) -> TrainConfig:
+    """The same training budget and optimizer settings in another mode (a baseline for the
+    comparison): what only applies to mode llamapro (stages, LoRA on the new blocks,
+    distillation) is dropped instead of refused."""
+    import dataclasses
+
+    if mode == "llamapro":
+        return tc
+    return dataclasses.replace(tc, mode=mode, num_stages=1, stage_ratios=[], top_lr_scale=1.0,
+                               final_originals_ratio=0.0, lora_new_blocks=False, distill_weight=0.0)
+

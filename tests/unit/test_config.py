@@ -47,3 +47,18 @@ def test_shipped_configs_load():
 
     for f in sorted(Path(__file__).resolve().parents[2].glob("jobs/configs/*.yaml")):
         load_config(f)  # every shipped config is valid as written
+
+
+def test_baselines_of_a_staged_config_keep_the_budget_and_drop_what_is_llamapro_only():
+    """run.baselines=[full,lora] on the shipped demo (3 stages, stage ratios, top LR scale): each
+    baseline trains one stage at the same steps, LR and batch instead of being refused."""
+    from llamapro.train_config import baseline_of
+
+    tc = load_config("jobs/configs/demo.yaml").train
+    assert tc.num_stages == 3 and tc.stage_ratios
+    for mode in ("full", "lora", "freeze_last_n"):
+        b = baseline_of(tc, mode)
+        assert b.mode == mode and b.num_stages == 1 and not b.stage_ratios and not b.lora_new_blocks
+        assert (b.max_steps, b.max_tokens, b.lr, b.micro_batch_size, b.num_workers) == \
+            (tc.max_steps, tc.max_tokens, tc.lr, tc.micro_batch_size, tc.num_workers)
+    assert baseline_of(tc, "llamapro") is tc
