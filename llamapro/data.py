@@ -1200,7 +1200,13 @@ def _build(cfg: DataConfig, tokenizer_path, split: str, names: list[str] | None,
 
     work = interleave([plan.units[i] for i in indices])
     by_uid = {u.uid: u for i in indices for u in plan.units[i]}
-    stats_cls = ray.remote(num_cpus=0)(_Stats)
+    # On the driver's node: a 0-CPU actor may otherwise land on any node, and losing that node
+    # would kill it (it holds state, so it is not restarted) and with it every later unit. The
+    # driver's node lives as long as the job does.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    stats_cls = ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=True))(_Stats)
     plan.stats = stats_cls.remote({i: len(plan.files[i]) for i in indices},
                                   {i: len(plan.units[i]) for i in indices})
     rows = [u.row(p) for u, p in work]
