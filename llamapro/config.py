@@ -168,6 +168,12 @@ class DataConfig:
     Leave CPUs for them next to the Train workers or the pipeline starves."""
     cpus_per_actor: float = 1.0
     """Logical CPUs each tokenizer actor reserves."""
+    actor_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each tokenizer actor also reserves, e.g. ``{data: 1}`` to keep the
+    actors on the nodes started with ``ray start --resources '{"data": 8}'``. Use it to keep them
+    off preemptible nodes: Ray Data cannot restart an actor lost with its node (its constructor
+    arguments are gone, ray-project/ray#53713), so losing one fails the stream, and the training
+    run survives that only by restarting its worker group."""
     preserve_order: bool = False
     """Deliver blocks in a deterministic order (Ray Data preserve_order). The set of blocks is
     deterministic either way; ordering costs some throughput."""
@@ -186,6 +192,12 @@ class DataConfig:
             raise ConfigError(f"data.actors={self.actors!r}: must be >= 1")
         if not self.cpus_per_actor > 0:
             raise ConfigError(f"data.cpus_per_actor={self.cpus_per_actor!r}: must be > 0")
+        for k, v in self.actor_resources.items():
+            if k in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ConfigError(f"data.actor_resources.{k}: a built-in resource; set CPUs with "
+                                  "data.cpus_per_actor (GPUs and memory are not used by tokenizers)")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"data.actor_resources.{k}={v!r}: must be a number > 0")
         seen: set[str] = set()
         for i, src in enumerate(self.sources):
             where = f"data.sources[{i}]"

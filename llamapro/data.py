@@ -1200,13 +1200,15 @@ def _build(cfg: DataConfig, tokenizer_path, split: str, names: list[str] | None,
 
     work = interleave([plan.units[i] for i in indices])
     by_uid = {u.uid: u for i in indices for u in plan.units[i]}
-    # On the driver's node: a 0-CPU actor may otherwise land on any node, and losing that node
-    # would kill it (it holds state, so it is not restarted) and with it every later unit. The
-    # driver's node lives as long as the job does.
+    # Pinned (hard) to the node of the process building the dataset, which lives as long as the
+    # job does: a 0-CPU actor may otherwise land on any node, and losing that node would kill it
+    # (it holds state, so it is not restarted) and with it every later unit, in every restarted
+    # worker group. A soft pin was seen to spill over to a worker node while the head was busy
+    # starting processes.
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     stats_cls = ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=True))(_Stats)
+        ray.get_runtime_context().get_node_id(), soft=False))(_Stats)
     plan.stats = stats_cls.remote({i: len(plan.files[i]) for i in indices},
                                   {i: len(plan.units[i]) for i in indices})
     rows = [u.row(p) for u, p in work]
@@ -1218,6 +1220,7 @@ def _build(cfg: DataConfig, tokenizer_path, split: str, names: list[str] | None,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool, initial_size=pool),
         num_cpus=cfg.cpus_per_actor,
+        **({"resources": dict(cfg.actor_resources)} if cfg.actor_resources else {}),
         fn_constructor_kwargs=dict(
             tokenizer=tok, sources=cfg.sources, units=by_uid, seq_len=cfg.seq_len, split=split,
             seed=cfg.seed, rates=plan.rates, max_doc_bytes=cfg.max_doc_bytes,

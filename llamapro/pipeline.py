@@ -39,12 +39,14 @@ def ensure_ray(cfg=None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    want = 4
+    want, custom = 4, {}
     if cfg is not None:
         t = cfg.train
         want = max(want, t.num_workers * t.cpus_per_worker + int(cfg.data.actors * cfg.data.cpus_per_actor) + 1)
+        # the one local node is where the tokenizer actors' custom resources must be
+        custom = {k: v * cfg.data.actors for k, v in cfg.data.actor_resources.items()}
     # keep the dashboard: Train V2 cleans up placement groups through the State API it serves
-    ray.init(num_cpus=want, log_to_driver=True)
+    ray.init(num_cpus=want, log_to_driver=True, **({"resources": custom} if custom else {}))
 
 
 def run_dir(cfg) -> Path:

@@ -70,7 +70,8 @@ class Node:
 class LocalCluster:
     """``with LocalCluster(num_cpus=4) as c:`` a token-authenticated head; ``c.add_node(...)``."""
 
-    def __init__(self, num_cpus: int = 4, object_store_mb: int = 200, env: dict | None = None):
+    def __init__(self, num_cpus: int = 4, object_store_mb: int = 200, env: dict | None = None,
+                 resources: dict | None = None):
         # short: Ray's socket paths under it must stay below the 107-byte limit
         self.temp_dir = tempfile.mkdtemp(prefix="lp-ray-", dir="/tmp")
         self.token = secrets.token_hex(32)
@@ -89,7 +90,7 @@ class LocalCluster:
         try:
             self._start(["--head", "--port", str(self.gcs_port), "--dashboard-port",
                          str(self.dashboard_port), "--include-dashboard", "true",
-                         "--ray-client-server-port", str(free_port())], num_cpus)
+                         "--ray-client-server-port", str(free_port())], num_cpus, resources)
             self._wait(lambda: self.api("/api/version") and self.alive_nodes(), 300, "the head")
         except TimeoutError as e:
             tail = self.log_tail()

@@ -7,12 +7,13 @@ No file system is shared either: each node has its own llamapro cache (``LLAMAPR
 worker finds the expanded model only by downloading it from the run's URI into its node's cache,
 and rank 0's metrics and final model reach the driver only through the URI.
 
-Pinning without custom resources: a Train worker takes 2 logical CPUs; the head has 3 and each
-worker node 2, so the placement group can only put one worker per node, and the tokenizer actor
-(1 CPU) can only run on the head. Ray Data cannot yet restart an actor pool member lost with its
-node when its constructor arguments live in the object store (ray-project/ray#53727: the stream
-then fails on every retry), so the data actors stay on the driver's node here; the job survives
-losing the node that holds a Train worker.
+Placement: a Train worker takes 2 logical CPUs; the head has 3 and each worker node 2, so the
+placement group can only put one worker per node. Ray Data cannot restart an actor lost with its
+node (its constructor arguments are gone, ray-project/ray#53713), so the tokenizer actor is kept
+on the head the way a user keeps it off preemptible nodes: ``data.actor_resources: {data: 1}``
+and only the head advertises a ``data`` resource. The pipeline's bookkeeping actor is pinned to
+the driver's node by the product itself. The job survives losing the node that holds a Train
+worker, and the test checks where every tokenizer and bookkeeping actor ran.
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ def _worker_pids(runs: list[Path]) -> dict[int, int]:
     return out
 
 
+def _actor_list(cluster) -> list[dict]:
+    return cluster.api("/api/v0/actors?limit=1000&detail=1")["data"]["result"]["result"]
+
+
+def _actors(cluster) -> str:
+    """Where each live or dead actor is (class, node, state): the first thing to read when a
+    node loss was not survived."""
+    try:
+        res = _actor_list(cluster)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"(actors unavailable: {e})"
+    return "\n".join(f"{a.get('class_name')} node={a.get('node_id', '')[:8]} pid={a.get('pid')} "
+                     f"state={a.get('state')}" for a in res)
+
+
 def _placement(cluster, pids: dict[int, int]) -> list[int]:
     """The index of the node hosting each worker (sorted by rank); -1 when none does."""
     return [next((i for i, n in enumerate(cluster.nodes) if n.hosts(pid)), -1)
@@ -84,7 +100,7 @@ def work(tmp_path, monkeypatch):
         "run": {"name": "tn", "output_dir": f"file://{shared}/runs"},
         "model": {"base": str(base)},
         "expand": {"blocks": 2, "verify": False},
-        "data": {"seq_len": 32, "actors": 1, "sources": [
+        "data": {"seq_len": 32, "actors": 1, "actor_resources": {"data": 1}, "sources": [
             {"name": "domain", "paths": [str(corpus)], "eval_fraction": 0.1}]},
         "train": {"max_steps": MAX_STEPS, "checkpoint_every": EVERY, "eval_every": 100,
                   "eval_batches": 1, "micro_batch_size": 2, "lr": 1e-3, "num_workers": 2,
@@ -108,7 +124,8 @@ def test_training_resumes_after_losing_a_node(work):
     # worker group's data actors can still be placed on the killed node and die with it
     fast_health = {"RAY_health_check_period_ms": "250", "RAY_health_check_failure_threshold": "4",
                    "RAY_health_check_timeout_ms": "250"}
-    with LocalCluster(num_cpus=HEAD_CPUS, env={"LLAMAPRO_CACHE": str(caches[0]), **fast_health}) as cluster:
+    with LocalCluster(num_cpus=HEAD_CPUS, resources={"data": 2},
+                      env={"LLAMAPRO_CACHE": str(caches[0]), **fast_health}) as cluster:
         worker_node = cluster.add_node(num_cpus=NODE_CPUS, env={"LLAMAPRO_CACHE": str(caches[1])})
         client = cluster.job_client()
         job = client.submit_job(entrypoint=f"python jobs/train.py --config {work['config']}",
@@ -128,6 +145,7 @@ def test_training_resumes_after_losing_a_node(work):
         assert sorted(_placement(cluster, pids)) == [0, 1], ("one worker on each node", pids)
         killed_after = max(reg)
         assert killed_after < MAX_STEPS, "the run ended before the node could be lost"
+        before = _actors(cluster)
         cluster.kill_node(worker_node)
         cluster.add_node(num_cpus=NODE_CPUS, env={"LLAMAPRO_CACHE": str(caches[2])})  # a replacement
 
@@ -145,11 +163,21 @@ def test_training_resumes_after_losing_a_node(work):
         if status != "SUCCEEDED":  # the cause is usually far above the tail of the traceback
             causes = [ln for ln in logs.splitlines()
                       if any(w in ln for w in ("Error", "Exception", "error:", "died"))]
-            pytest.fail(f"job {status}; error lines:\n" + "\n".join(causes[:60])[-8000:]
+            pytest.fail(f"job {status}; actors before the kill:\n{before}\nafter:\n{_actors(cluster)}\n"
+                        f"nodes: {[n['node_id'][:8] for n in cluster.alive_nodes()]}\nerror lines:\n"
+                        + "\n".join(causes[:60])[-8000:]
                         + "\n--- log tail ---\n" + logs[-3000:])
         assert "resuming at stage" in logs
         # after the restart, again one worker per node: the head and the replacement
         assert placed_again is not None and sorted(placed_again) == [0, 2], (placed_again, logs[-3000:])
+        # every tokenizer actor ran where data.actor_resources sent it: the head
+        head = [n["node_id"] for n in cluster.alive_nodes() if n.get("is_head_node")]
+        actors = _actor_list(cluster)
+        tokenizers = [a["node_id"] for a in actors if "_UnitProcessor" in a["class_name"]]
+        assert tokenizers and set(tokenizers) == set(head), (head, _actors(cluster))
+        # and the data pipelines' bookkeeping actors ran on the driver's node, the head
+        stats = [a["node_id"] for a in actors if a["class_name"] == "_Stats"]
+        assert stats and set(stats) == set(head), (head, _actors(cluster))
 
     events = [json.loads(line) for line in
               (work["shared_run"] / "metrics.jsonl").read_text().splitlines()]  # uploaded

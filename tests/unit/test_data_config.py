@@ -75,9 +75,16 @@ def test_duplicate_names_and_section_validation(tmp_path):
         load_config(f)
     for ov, match in [("data.seq_len=4", "data.seq_len"), ("data.mixing=shuffle", "data.mixing"),
                       ("data.max_skip_fraction=2", "data.max_skip_fraction"),
-                      ("data.actors=0", "data.actors"), ("data.cpus_per_actor=0", "cpus_per")]:
+                      ("data.actors=0", "data.actors"), ("data.cpus_per_actor=0", "cpus_per"),
+                      ("data.actor_resources={CPU: 1}", r"actor_resources\.CPU: a built-in"),
+                      ("data.actor_resources={data: 0}", r"actor_resources\.data=0: must be"),
+                      ("data.actor_resources=[data]", "expected a mapping")]:
         with pytest.raises(ConfigError, match=match):
             load_config(None, [ov])
+
+
+def test_actor_resources_parse_from_an_override():
+    assert load_config(None, ["data.actor_resources={data: 0.5}"]).data.actor_resources == {"data": 0.5}
 
 
 def test_eval_only_source_is_allowed():
