@@ -170,6 +170,21 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int, progress=None
             progress(done)
 
 
+def _runs(plans, table) -> list[tuple[bool, int, int]]:
+    """The output's data section, in ``plans`` order, as few operations as possible: (zero,
+    source start, bytes). Tensors whose source bytes follow each other merge into one copy (a
+    ``copy_file_range`` per tensor costs measurably more than one per range), zeros into one
+    hole."""
+    runs: list[list] = []
+    for kp in plans:
+        t = table[kp.src_key]
+        if runs and runs[-1][0] == kp.zero and (kp.zero or runs[-1][1] + runs[-1][2] == t.start):
+            runs[-1][2] += t.nbytes
+        else:
+            runs.append([kp.zero, t.start, t.nbytes])
+    return [tuple(r) for r in runs]
+
+
 def _write_zeros(dst_fd: int, count: int, progress=None) -> None:
     """``count`` zero bytes at the current position, as a hole: the file system stores nothing
     and reads return zeros (safetensors loaders and mmap see ordinary zero tensors). The file
@@ -384,8 +399,11 @@ def stream_expand(base_dir: Path, out_dir: Path, placement: Placement, family: F
         bar, tick = _progress_bar(total, "expand", progress)
         weight_map = {}
         for f in files:
-            # data in source order: sequential reads, each new block right after its source
-            plans = sorted(per_file[f], key=lambda kp: (table[kp.src_key].start, kp.new_layer or -1))
+            # The originals first, in source order: their bytes are the input's data section,
+            # copied in one range as cp would. Then each new block, its tensors in source order
+            # (read again while the input shard is still in the page cache).
+            plans = sorted(per_file[f], key=lambda kp: (kp.new_layer is not None, kp.new_layer or 0,
+                                                        table[kp.src_key].start))
             out_name = f.name
             entries = [(kp.out_key, table[kp.src_key].dtype, table[kp.src_key].shape,
                         table[kp.src_key].nbytes) for kp in plans]
@@ -395,12 +413,12 @@ def stream_expand(base_dir: Path, out_dir: Path, placement: Placement, family: F
             dst_fd = os.open(tmp / out_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 os.write(dst_fd, _header_bytes(entries, src_meta))
-                for kp in plans:
-                    t = table[kp.src_key]
-                    if kp.zero:
-                        _write_zeros(dst_fd, t.nbytes, tick)
+                for zero, start, nbytes in _runs(plans, table):
+                    if zero:
+                        _write_zeros(dst_fd, nbytes, tick)
                     else:
-                        _copy_range(src_fd, dst_fd, t.start, t.nbytes, tick)
+                        _copy_range(src_fd, dst_fd, start, nbytes, tick)
+                for kp in plans:
                     weight_map[kp.out_key] = out_name
                 _end_file(dst_fd)
             finally:
@@ -442,9 +460,31 @@ def stream_expand(base_dir: Path, out_dir: Path, placement: Placement, family: F
     return meta
 
 
+def _data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of [start, end) that hold data, per the file system (SEEK_DATA / SEEK_HOLE); the
+    rest are holes, which read as zeros by definition. The whole range when the file system
+    cannot tell."""
+    out, pos = [], start
+    try:
+        while pos < end:
+            try:
+                d = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            if d >= end:
+                break
+            h = min(os.lseek(fd, d, os.SEEK_HOLE), end)
+            out.append((d, h))
+            pos = h
+    except (AttributeError, OSError):
+        return [(start, end)]
+    return out
+
+
 def check_new_blocks_zero(model_dir: Path, meta: dict) -> int:
-    """Read back every zeroed tensor of every new block and confirm it is all zero bytes.
-    Returns the number of bytes checked. Cheap (residual writers only) and size-independent."""
+    """Confirm every zeroed tensor of every new block is all zero bytes: holes (which the file
+    system reads as zeros) are skipped, any data in the range is read back. Returns the number of
+    bytes confirmed. Cheap (residual writers only) and size-independent."""
     table = tensor_table(Path(model_dir))
     prefix = layers_prefix(table.keys(), meta["num_layers"])
     checked = 0
@@ -455,14 +495,17 @@ def check_new_blocks_zero(model_dir: Path, meta: dict) -> int:
                 continue  # e.g. a Qwen-MoE dense layer has no experts
             t = table[key]
             with open(t.file, "rb") as f:
-                f.seek(t.start)
-                left = t.nbytes
-                while left:
-                    b = f.read(min(left, _CHUNK))
-                    if b.count(0) != len(b):
-                        raise CheckpointError(f"{model_dir}: new block tensor {key} is not zero")
-                    left -= len(b)
-                    checked += len(b)
+                for a, b in _data_ranges(f.fileno(), t.start, t.start + t.nbytes):
+                    f.seek(a)
+                    left = b - a
+                    while left:
+                        chunk = f.read(min(left, _CHUNK))
+                        if not chunk:
+                            raise CheckpointError(f"{model_dir}: {t.file.name} ends inside {key}")
+                        if chunk.count(0) != len(chunk):
+                            raise CheckpointError(f"{model_dir}: new block tensor {key} is not zero")
+                        left -= len(chunk)
+            checked += t.nbytes
     return checked
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -97,6 +100,52 @@ def check_structure(base_config: dict, expanded_config: dict, new_sources: dict,
     return {"layers_checked": len(exp), "ok": True}
 
 
+def check_structure_isolated(base_config: dict, expanded_config: dict, new_sources: dict,
+                             trust_remote_code: bool = False, isolate: bool | None = None) -> dict:
+    """``check_structure``, in a child Python when this process has not imported transformers.
+
+    The check is almost all import time (torch + transformers: ~4 s of CPU-bound Python). In a
+    thread of this process it holds the GIL, and the copy beside it, which needs the GIL back
+    after each ``copy_file_range``, waits up to a switch interval per tensor: the two ran nearly
+    one after the other. A child has its own interpreter and runs on the other core. When
+    transformers is already loaded (a pipeline, a test) the check costs well under a second here
+    (``isolate=None`` decides so; True/False force it).
+    """
+    if isolate is False or (isolate is None and "transformers.modeling_utils" in sys.modules):
+        return check_structure(base_config, expanded_config, new_sources, trust_remote_code)
+    pkg_parent = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [pkg_parent] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    request = json.dumps({"base": base_config, "expanded": expanded_config, "sources": new_sources,
+                          "trust_remote_code": trust_remote_code})
+    proc = subprocess.run([sys.executable, "-c", "from llamapro.steps import _structure_child; "
+                           "_structure_child()"], input=request, capture_output=True, text=True,
+                          env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("STRUCTURE ")]
+    if not lines:
+        raise CheckpointError(f"the structure check's child process failed (exit {proc.returncode}); "
+                              f"nothing was written. Its output:\n{(proc.stderr or proc.stdout)[-2000:]}")
+    answer = json.loads(lines[-1][len("STRUCTURE "):])
+    if "error" in answer:
+        if answer["type"] == "CheckpointError":
+            raise CheckpointError(answer["error"])
+        raise CheckpointError(f"transformers could not build the model from the expanded config "
+                              f"({answer['type']}: {answer['error']}); nothing was written")
+    return answer["result"]
+
+
+def _structure_child() -> None:
+    """Entry point of ``check_structure_isolated``'s child: a JSON request on stdin, one
+    ``STRUCTURE {json}`` line on stdout."""
+    req = json.load(sys.stdin)
+    try:
+        out = {"result": check_structure(req["base"], req["expanded"], req["sources"],
+                                         req["trust_remote_code"])}
+    except Exception as e:  # reported to the parent, which raises
+        out = {"error": str(e), "type": type(e).__name__}
+    print("STRUCTURE " + json.dumps(out), flush=True)
+
+
 def expand(base: str, out: str, blocks: int | None = None, strategy: str | None = "even",
            positions=None, residual_writers=None, verify: bool = True, force: bool = False,
            trust_remote_code: bool = False, progress: bool = True, verify_max_gb: float = 16.0,
@@ -112,9 +161,10 @@ def expand(base: str, out: str, blocks: int | None = None, strategy: str | None 
     sources = {str(k): v for k, v in placement.new_sources().items()}
 
     # The structure check imports transformers (CPU-bound, seconds) while the copy waits on I/O:
-    # run it beside the copy, and let stream_expand refuse to publish if it failed.
+    # run it beside the copy (in a child process, see check_structure_isolated), and let
+    # stream_expand refuse to publish if it failed.
     def structure():
-        return check_structure(config, new_config, sources, trust_remote_code)
+        return check_structure_isolated(config, new_config, sources, trust_remote_code)
 
     meta = stream_expand(base_dir, Path(out), placement, family, force=force, progress=progress,
                          base_ref=str(base_dir), before_publish=structure, durable=durable)

@@ -137,3 +137,60 @@ def test_single_shard_with_index_keeps_its_index(tmp_path):
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     res = steps.strip(str(tmp_path / "out"), str(tmp_path / "back"), progress=False)
     assert res["equals_base"] and (tmp_path / "back" / "model.safetensors.index.json").is_file()
+
+
+def test_structure_check_in_a_child_process():
+    """What `llamapro expand` runs beside the copy when transformers is not yet imported."""
+    base = tiny_model("llama", num_layers=4).config.to_dict()
+    p = plan(4, 2, "even")
+    from llamapro.families import expand_config
+
+    new, _ = expand_config(base, p)
+    sources = {str(k): v for k, v in p.new_sources().items()}
+    assert steps.check_structure_isolated(base, new, sources, isolate=True) == {"layers_checked": 6, "ok": True}
+    wrong = {**new, "intermediate_size": new["intermediate_size"] * 2}  # every layer's MLP changes
+    with pytest.raises(steps.CheckpointError, match="would not have the structure of base layer"):
+        steps.check_structure_isolated(base, wrong, sources, isolate=True)
+    with pytest.raises(steps.CheckpointError, match="could not build the model"):
+        steps.check_structure_isolated(base, {**new, "model_type": "no-such-model"}, sources, isolate=True)
+
+
+def test_zero_check_catches_a_nonzero_byte_in_a_new_block(tmp_path):
+    from llamapro.checkpoint import CheckpointError, check_new_blocks_zero, read_metadata, tensor_table
+
+    tiny_model("llama", num_layers=2).save_pretrained(tmp_path / "base")
+    meta = steps.expand(str(tmp_path / "base"), str(tmp_path / "out"), blocks=1, strategy="top",
+                        verify=False, progress=False)
+    meta = read_metadata(tmp_path / "out")
+    zeroed = sum(t.nbytes for k, t in tensor_table(tmp_path / "out").items()
+                 if k.startswith("model.layers.2.") and k.split("model.layers.2.")[1] in meta["zeroed_in_new_blocks"])
+    assert zeroed and check_new_blocks_zero(tmp_path / "out", meta) == zeroed == meta["zero_bytes_checked"]
+    t = tensor_table(tmp_path / "out")["model.layers.2.mlp.down_proj.weight"]
+    with open(t.file, "r+b") as f:  # one byte in the middle of a zeroed projection (a hole or not)
+        f.seek(t.start + t.nbytes // 2)
+        f.write(b"\x01")
+    with pytest.raises(CheckpointError, match="down_proj.weight is not zero"):
+        check_new_blocks_zero(tmp_path / "out", meta)
+
+
+def test_data_ranges_skip_holes(tmp_path):
+    import os
+
+    from llamapro.checkpoint import _data_ranges
+
+    f = tmp_path / "sparse"
+    with open(f, "wb") as fh:
+        fh.write(b"x" * 4096)
+        fh.seek(4 << 20, os.SEEK_CUR)  # a 4 MiB hole
+        fh.write(b"y" * 4096)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        ranges = _data_ranges(fd, 0, f.stat().st_size)
+        hole = _data_ranges(fd, 4096, 4096 + (4 << 20))
+    finally:
+        os.close(fd)
+    assert ranges[0][0] == 0 and ranges[-1][1] == f.stat().st_size
+    if len(ranges) == 2:  # the file system keeps holes (ext4, xfs, btrfs, tmpfs)
+        assert hole == []
+    else:  # it does not: everything is data and gets read back
+        assert hole == [(4096, 4096 + (4 << 20))]
