@@ -108,7 +108,11 @@ class LocalCluster:
         log = Path(self.temp_dir) / f"node-{n}.log"
         ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
                  "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port"]
-        cmd = [str(BIN / "ray"), "start", "--block", "--temp-dir", self.temp_dir, "--disable-usage-stats",
+        # Each node its own temp dir, as on separate machines: nodes sharing one would share
+        # runtime_resources/, and a node setting up a job's working_dir for the first time
+        # deletes and re-extracts it (overwrite=True), under the feet of the driver running there.
+        temp_dir = self.temp_dir if not self.nodes else os.path.join(self.temp_dir, f"n{n}")
+        cmd = [str(BIN / "ray"), "start", "--block", "--temp-dir", temp_dir, "--disable-usage-stats",
                "--num-cpus", str(num_cpus), "--object-store-memory", str(self.object_store),
                *args, *[x for p in ports for x in (p, str(free_port()))]]
         if resources:
