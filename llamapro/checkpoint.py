@@ -464,19 +464,23 @@ def _data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     """The parts of [start, end) that hold data, per the file system (SEEK_DATA / SEEK_HOLE); the
     rest are holes, which read as zeros by definition. The whole range when the file system
     cannot tell."""
+    import errno
+
     out, pos = [], start
     try:
         while pos < end:
             try:
                 d = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after pos
-                break
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+                    break
+                raise
             if d >= end:
                 break
             h = min(os.lseek(fd, d, os.SEEK_HOLE), end)
             out.append((d, h))
             pos = h
-    except (AttributeError, OSError):
+    except (AttributeError, OSError):  # no SEEK_DATA here: treat it all as data, read it back
         return [(start, end)]
     return out
 

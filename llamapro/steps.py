@@ -105,9 +105,9 @@ def check_structure_isolated(base_config: dict, expanded_config: dict, new_sourc
     """``check_structure``, in a child Python when this process has not imported transformers.
 
     The check is almost all import time (torch + transformers: ~4 s of CPU-bound Python). In a
-    thread of this process it holds the GIL, and the copy beside it, which needs the GIL back
-    after each ``copy_file_range``, waits up to a switch interval per tensor: the two ran nearly
-    one after the other. A child has its own interpreter and runs on the other core. When
+    thread of this process it holds the GIL, which the copy beside it needs back after each
+    ``copy_file_range``; a child has its own interpreter, and runs at low priority (in the
+    benchmark at 8 GB the check took 9.7 s as a thread, 6.1 s as a child). When
     transformers is already loaded (a pipeline, a test) the check costs well under a second here
     (``isolate=None`` decides so; True/False force it).
     """
