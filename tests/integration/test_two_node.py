@@ -106,7 +106,7 @@ def work(tmp_path, monkeypatch):
                   "eval_batches": 1, "micro_batch_size": 2, "lr": 1e-3, "num_workers": 2,
                   "cpus_per_worker": WORKER_CPUS, "zero_stage": 2,
                   # 3, not 1: the restarted group may start before the cluster has noticed the
-                  # node is dead, and its data actors placed there die too (a second failure)
+                  # node is dead, and a Train worker placed there dies too (a second failure)
                   "max_failures": 3},
     }
     path = tmp_path / "train.yaml"
@@ -121,7 +121,7 @@ def test_training_resumes_after_losing_a_node(work):
     caches = [work["cache"], work["cache"].with_name("cache-node1"), work["cache"].with_name("cache-node2")]
     runs = [_node_copy(c, work["uri"]) for c in caches]
     # the GCS declares a silent node dead after ~1 s instead of ~30 s: otherwise the restarted
-    # worker group's data actors can still be placed on the killed node and die with it
+    # worker group can still be placed on the killed node and fail again
     fast_health = {"RAY_health_check_period_ms": "250", "RAY_health_check_failure_threshold": "4",
                    "RAY_health_check_timeout_ms": "250"}
     with LocalCluster(num_cpus=HEAD_CPUS, resources={"data": 2},
