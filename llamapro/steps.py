@@ -100,9 +100,88 @@ def check_structure(base_config: dict, expanded_config: dict, new_sources: dict,
     return {"layers_checked": len(exp), "ok": True}
 
 
+def _structure_cache_file(base_config: dict, expanded_config: dict, new_sources: dict,
+                          trust_remote_code: bool) -> Path | None:
+    """Where a passed structure check of exactly these inputs is remembered, or None (remote code,
+    which can change under the same config, or ``LLAMAPRO_STRUCTURE_CACHE=0``).
+
+    The answer is a function of the two configs, the new blocks' sources and the code that builds
+    the model, so the key holds all of them: both configs, the sources, the versions of
+    transformers and torch, size and mtime of the transformers files that decide the layer
+    structure (so an edited or editable install misses), and the source of this check. Found
+    without importing transformers, which is the cost the cache saves."""
+    import hashlib
+    import importlib.metadata
+    import importlib.util
+
+    if trust_remote_code or os.environ.get("LLAMAPRO_STRUCTURE_CACHE", "1").lower() in ("0", "false", "no"):
+        return None
+    try:
+        spec = importlib.util.find_spec("transformers")
+        pkg = Path(spec.submodule_search_locations[0])
+        versions = {d: importlib.metadata.version(d) for d in ("transformers", "torch")}
+    except Exception:  # an unusual install: no cache, the check itself says what is wrong
+        return None
+    code = {}
+    for mt in {str(c.get("model_type", "")) for c in (base_config, expanded_config)}:
+        for rel in ("modeling_utils.py", "configuration_utils.py", "modeling_layers.py",
+                    f"models/{mt}/modeling_{mt}.py", f"models/{mt}/configuration_{mt}.py",
+                    "models/auto/modeling_auto.py", "models/auto/configuration_auto.py"):
+            try:
+                st = (pkg / rel).stat()
+                code[rel] = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                code[rel] = None
+    here = Path(__file__).resolve().parent
+    own = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("steps.py", "expansion.py"))).hexdigest()
+
+    def strip(c):
+        return {k: v for k, v in c.items() if k != "transformers_version"}
+
+    key = json.dumps({"base": strip(base_config), "expanded": strip(expanded_config),
+                      "sources": {str(k): v for k, v in new_sources.items()}, "versions": versions,
+                      "code": code, "package": str(pkg), "check": own}, sort_keys=True, default=str)
+    from .config import default_cache_dir
+
+    return default_cache_dir() / "structure" / (hashlib.sha256(key.encode()).hexdigest() + ".json")
+
+
+def _structure_cached(path: Path | None) -> dict | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())["result"]
+        if result.get("ok") is True and isinstance(result.get("layers_checked"), int):
+            return {**result, "cached": True}
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        pass
+    log.info("ignoring an unreadable structure-check cache entry %s; checking again", path)
+    return None
+
+
+def _structure_remember(path: Path | None, result: dict) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"result": result, "checked_at": time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache costs only the next check's time
+        log.info("could not remember the structure check in %s: %s", path, e)
+
+
 def check_structure_isolated(base_config: dict, expanded_config: dict, new_sources: dict,
                              trust_remote_code: bool = False, isolate: bool | None = None) -> dict:
-    """``check_structure``, in a child Python when this process has not imported transformers.
+    """``check_structure``, remembered, and in a child Python when this process has not imported
+    transformers.
+
+    A passed check is remembered in ``$LLAMAPRO_CACHE/structure/`` under a key of everything its
+    answer depends on (see ``_structure_cache_file``); expanding the same model with the same plan
+    again (a retried job, ``--force``, a repeated Tune configuration) skips the import, and the
+    result says ``cached: true``. Failures are never remembered. ``LLAMAPRO_STRUCTURE_CACHE=0``
+    turns this off.
 
     The check is almost all import time (torch + transformers: ~4 s of CPU-bound Python). In a
     thread of this process it holds the GIL, which the copy beside it needs back after each
@@ -111,6 +190,18 @@ def check_structure_isolated(base_config: dict, expanded_config: dict, new_sourc
     transformers is already loaded (a pipeline, a test) the check costs well under a second here
     (``isolate=None`` decides so; True/False force it).
     """
+    cache = _structure_cache_file(base_config, expanded_config, new_sources, trust_remote_code)
+    hit = _structure_cached(cache)
+    if hit is not None:
+        return hit
+    result = {**_check_structure_somewhere(base_config, expanded_config, new_sources,
+                                           trust_remote_code, isolate), "cached": False}
+    _structure_remember(cache, {k: v for k, v in result.items() if k != "cached"})
+    return result
+
+
+def _check_structure_somewhere(base_config, expanded_config, new_sources, trust_remote_code,
+                               isolate) -> dict:
     if isolate is False or (isolate is None and "transformers.modeling_utils" in sys.modules):
         return check_structure(base_config, expanded_config, new_sources, trust_remote_code)
     pkg_parent = str(Path(__file__).resolve().parent.parent)

@@ -139,15 +139,17 @@ def test_single_shard_with_index_keeps_its_index(tmp_path):
     assert res["equals_base"] and (tmp_path / "back" / "model.safetensors.index.json").is_file()
 
 
-def test_structure_check_in_a_child_process():
+def test_structure_check_in_a_child_process(monkeypatch, tmp_path):
     """What `llamapro expand` runs beside the copy when transformers is not yet imported."""
+    monkeypatch.setenv("LLAMAPRO_CACHE", str(tmp_path))
     base = tiny_model("llama", num_layers=4).config.to_dict()
     p = plan(4, 2, "even")
     from llamapro.families import expand_config
 
     new, _ = expand_config(base, p)
     sources = {str(k): v for k, v in p.new_sources().items()}
-    assert steps.check_structure_isolated(base, new, sources, isolate=True) == {"layers_checked": 6, "ok": True}
+    assert steps.check_structure_isolated(base, new, sources, isolate=True) == {
+        "layers_checked": 6, "ok": True, "cached": False}
     wrong = {**new, "intermediate_size": new["intermediate_size"] * 2}  # every layer's MLP changes
     with pytest.raises(steps.CheckpointError, match="would not have the structure of base layer"):
         steps.check_structure_isolated(base, wrong, sources, isolate=True)
@@ -194,3 +196,70 @@ def test_data_ranges_skip_holes(tmp_path):
         assert hole == []
     else:  # it does not: everything is data and gets read back
         assert hole == [(4096, 4096 + (4 << 20))]
+
+
+def _structure_inputs(layers=4, blocks=2, strategy="even"):
+    from llamapro.families import expand_config
+
+    base = tiny_model("llama", num_layers=layers).config.to_dict()
+    p = plan(layers, blocks, strategy)
+    new, _ = expand_config(base, p)
+    return base, new, {str(k): v for k, v in p.new_sources().items()}
+
+
+def test_a_passed_structure_check_is_remembered_under_everything_it_depends_on(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAMAPRO_CACHE", str(tmp_path))
+    base, new, sources = _structure_inputs()
+    first = steps.check_structure_isolated(base, new, sources)
+    assert first == {"layers_checked": 6, "ok": True, "cached": False}
+    entries = list((tmp_path / "structure").glob("*.json"))
+    assert len(entries) == 1
+
+    calls = []
+    real = steps._check_structure_somewhere
+    monkeypatch.setattr(steps, "_check_structure_somewhere", lambda *a: calls.append(a) or real(*a))
+    assert steps.check_structure_isolated(base, new, sources) == {**first, "cached": True}
+    assert calls == []  # answered from the cache: no transformers, no child
+
+    # anything the answer depends on misses: other sources, another config, remote code
+    b2, n2, s2 = _structure_inputs(strategy="top")
+    assert steps.check_structure_isolated(b2, n2, s2)["cached"] is False and len(calls) == 1
+    steps.check_structure_isolated(base, {**new, "rms_norm_eps": 1e-3}, sources)
+    assert len(calls) == 2
+    assert steps._structure_cache_file(base, new, sources, trust_remote_code=True) is None
+
+    # a failure is never remembered
+    wrong = {**new, "intermediate_size": new["intermediate_size"] * 2}
+    for _ in range(2):
+        with pytest.raises(steps.CheckpointError, match="would not have the structure"):
+            steps.check_structure_isolated(base, wrong, sources)
+    assert len(calls) == 4
+
+    # a corrupt entry is ignored, checked again and rewritten
+    entries[0].write_text("{not json")
+    assert steps.check_structure_isolated(base, new, sources)["cached"] is False
+    assert steps.check_structure_isolated(base, new, sources)["cached"] is True
+
+    monkeypatch.setenv("LLAMAPRO_STRUCTURE_CACHE", "0")
+    assert steps.check_structure_isolated(base, new, sources)["cached"] is False
+
+
+def test_structure_cache_key_follows_the_transformers_code(monkeypatch, tmp_path):
+    """An edited (or editable) transformers with an unchanged version must not hit."""
+    import importlib.util
+    import os
+    import types
+
+    pkg = tmp_path / "site" / "transformers"
+    (pkg / "models" / "llama").mkdir(parents=True)
+    modeling = pkg / "models" / "llama" / "modeling_llama.py"
+    modeling.write_text("# v1\n")
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: types.SimpleNamespace(
+        submodule_search_locations=[str(pkg)]) if name == "transformers" else real_find(name, *a))
+    base, new, sources = _structure_inputs()
+    k1 = steps._structure_cache_file(base, new, sources, False)
+    assert k1 == steps._structure_cache_file(base, new, sources, False)
+    modeling.write_text("# v2, other layer rules\n")
+    os.utime(modeling, ns=(1, 2))
+    assert steps._structure_cache_file(base, new, sources, False) != k1
