@@ -164,7 +164,9 @@ def _structure_remember(path: Path | None, result: dict) -> None:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        import threading
+
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps({"result": result, "checked_at": time.strftime(
             "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
         os.replace(tmp, path)
@@ -384,6 +386,11 @@ def summary(meta: dict) -> str:
         f"zeroed       {', '.join(meta['zeroed_in_new_blocks'])}",
         f"config       {', '.join(meta['config_keys_changed'])} updated",
     ]
+    sc = meta.get("structure_check") or {}
+    if sc.get("ok"):
+        lines.append(f"structure    every layer of {sc['layers_checked']} built by transformers from the new "
+                     "config has its source layer's tensors"
+                     + (" (remembered from an identical earlier expansion)" if sc.get("cached") else ""))
     if v:
         lines.append(
             f"identity     {'PROVEN' if v['ok'] else 'FAILED'}: max |dlogits| = {v['max_abs_logit_diff']:.3g} "
