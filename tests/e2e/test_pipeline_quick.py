@@ -16,7 +16,10 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
     r = subprocess.run([sys.executable, "-m", "llamapro.cli", "run", "--config",
                         str(ROOT / "jobs/configs/demo.yaml"), "--quick", f"run.output_dir={out}",
-                        "run.name=quick"], capture_output=True, text=True, cwd=ROOT, timeout=1800)
+                        "run.name=quick",
+                        # the optional fuse step, with a fixed strength (auto is tested on tiny models)
+                        "fuse.enabled=true", "fuse.method=weighted", "fuse.alpha=0.5"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=1800)
     assert r.returncode in (0, 4), r.stdout[-3000:] + r.stderr[-3000:]
     for step in ("[1/7]", "[2/7]", "[4/7]", "[5/7]", "[6/7]", "[7/7]"):
         assert step in r.stdout  # progress for each step
@@ -73,3 +76,35 @@ def test_served_answer(run):
     s = json.loads((d / "summary.json").read_text())
     assert s["serve"]["model"] == "expanded" and s["serve"]["answer"].strip()
     assert "served answer" in r.stdout
+
+
+def test_fused_model_is_half_way_and_loads_in_plain_transformers(run):
+    """`fuse.enabled` in the pipeline: RUN/fused is a standard model whose inserted blocks are
+    (1 - alpha) x their identity initialisation + alpha x trained; with alpha 0.5 a zeroed
+    residual writer becomes half its trained value, and an original layer is untouched."""
+    from safetensors import safe_open
+
+    d, r = run
+    s = json.loads((d / "summary.json").read_text())
+    assert s["fuse"]["method"] == "weighted" and s["fuse"]["alpha"] == 0.5
+    assert "fuse (weighted, alpha 0.5)" in r.stdout
+
+    def tensor(model_dir, key):
+        for f in sorted(Path(model_dir).glob("*.safetensors")):
+            with safe_open(f, "pt") as h:
+                if key in h.keys():
+                    return h.get_tensor(key).float()
+        raise KeyError(key)
+
+    new = json.loads((d / "expanded" / "llamapro.json").read_text())["new_layer_indices"][0]
+    w = f"model.layers.{new}.self_attn.o_proj.weight"
+    trained, fused = tensor(d / "export", w), tensor(d / "fused", w)
+    assert trained.abs().max() > 0
+    assert (fused - 0.5 * trained).abs().max() <= 1e-6 * max(1.0, float(trained.abs().max()))
+    orig = "model.layers.0.mlp.down_proj.weight"
+    assert bool((tensor(d / "fused", orig) == tensor(d / "export", orig)).all())
+    code = (f"import sys; from transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(d / 'fused')!r})\n"
+            "assert 'llamapro' not in sys.modules and m.config.num_hidden_layers == 36")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
