@@ -311,12 +311,20 @@ def read_metadata(model_dir: Path) -> dict | None:
         raise CheckpointError(f"{p}: corrupt llamapro metadata ({e})") from e
 
 
+def write_json_atomic(p: Path, obj, **dumps_kw) -> None:
+    """Replace ``p`` with ``obj`` as JSON atomically: readers see the old file or the new one,
+    never a half-written one (a temporary name per process and thread, then a rename)."""
+    import threading
+
+    p = Path(p)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp.write_text(json.dumps(obj, **dumps_kw) + "\n")
+    os.replace(tmp, p)
+
+
 def write_metadata(model_dir: Path, meta: dict) -> None:
     """Atomic replace of the metadata file (never a half-written JSON)."""
-    p = Path(model_dir) / METADATA_FILE
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, p)
+    write_json_atomic(Path(model_dir) / METADATA_FILE, meta, indent=2, sort_keys=False)
 
 
 def require_metadata(model_dir: Path) -> dict:

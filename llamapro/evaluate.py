@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError, read_metadata, weight_files
+from .checkpoint import CheckpointError, read_metadata, weight_files, write_json_atomic
 from .eval_config import EvalConfig, GateConfig, LmEvalConfig
 
 log = logging.getLogger(__name__)
@@ -555,9 +555,7 @@ def write_results(out_dir, results: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     p = out_dir / RESULTS_FILE
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    os.replace(tmp, p)
+    write_json_atomic(p, results, indent=2, ensure_ascii=False, allow_nan=False)
     return p
 
 

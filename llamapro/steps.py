@@ -22,6 +22,7 @@ from .checkpoint import (
     stream_expand,
     stream_strip,
     tensor_table,
+    write_json_atomic,
     write_metadata,
 )
 from .families import expand_config, family_for, num_layers_of
@@ -135,10 +136,10 @@ def _structure_cache_file(base_config: dict, expanded_config: dict, new_sources:
     here = Path(__file__).resolve().parent
     own = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("steps.py", "expansion.py"))).hexdigest()
 
-    def strip(c):
+    def unversioned(c):
         return {k: v for k, v in c.items() if k != "transformers_version"}
 
-    key = json.dumps({"base": strip(base_config), "expanded": strip(expanded_config),
+    key = json.dumps({"base": unversioned(base_config), "expanded": unversioned(expanded_config),
                       "sources": {str(k): v for k, v in new_sources.items()}, "versions": versions,
                       "code": code, "package": str(pkg), "check": own}, sort_keys=True, default=str)
     from .config import default_cache_dir
@@ -164,12 +165,8 @@ def _structure_remember(path: Path | None, result: dict) -> None:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        import threading
-
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps({"result": result, "checked_at": time.strftime(
-            "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, {"result": result, "checked_at": time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     except OSError as e:  # a read-only cache costs only the next check's time
         log.info("could not remember the structure check in %s: %s", path, e)
 
