@@ -285,6 +285,10 @@ class _Batches:
                 if self.epoch > 10_000:
                     raise RuntimeError("the training stream yields no full batch")
 
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            self.next()
+
 
 def train_loop(config: dict) -> None:
     import deepspeed
@@ -383,6 +387,17 @@ def train_loop(config: dict) -> None:
         shutil.rmtree(d, ignore_errors=True)
         if rank == 0 and out_uri and metrics_path.is_file():  # progress visible beside the checkpoints
             storage.upload(metrics_path, storage.join(out_uri, "metrics.jsonl"))
+
+    # every optimizer step drew grad_accum micro-batches on each worker: on resume, go past them
+    consumed = state["global_step"] * tc.grad_accum
+    if resume_dir is not None and consumed and tc.resume_data_skip:
+        t_skip = time.perf_counter()
+        batches.skip(consumed)
+        log({"event": "data_skip", "step": state["global_step"], "micro_batches_per_worker": consumed,
+             "epoch": batches.epoch, "seconds": round(time.perf_counter() - t_skip, 3)})
+        if rank == 0:
+            print(f"[llamapro] skipped the {consumed} micro-batches per worker trained on before the "
+                  f"checkpoint ({time.perf_counter() - t_skip:.1f}s)", flush=True)
 
     for k in range(state["stage"], len(stages)):
         stage = stages[k]

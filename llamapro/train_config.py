@@ -124,6 +124,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 1
     """Worker-group restarts Ray Train attempts from the latest checkpoint."""
+    resume_data_skip: bool = True
+    """On resume, each worker first draws and drops the micro-batches it had trained on before the
+    checkpoint (as HF Trainer does unless ignore_data_skip), so the run goes on through the data
+    instead of repeating its start. Exactly the same blocks come back with one worker and
+    data.preserve_order; otherwise the same number is dropped from a stream whose order (or
+    assignment to workers) may differ. False: start the stream again (a faster resume on a huge
+    corpus)."""
 
     def __post_init__(self):
         def bad(key, msg):

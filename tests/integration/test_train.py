@@ -194,6 +194,8 @@ def test_resume_after_worker_killed(ray_local, expanded):
     assert step >= killed["after_checkpoint"] and step % 4 == 0  # resumed from a checkpoint step
     ran = [e["step"] for e in _events(out, "step")]
     assert max(ran) == 24 and ran.count(1) == 1  # never restarted from scratch
+    skips = _events(out, "data_skip")  # each worker went past the micro-batches it had used
+    assert [(e["step"], e["micro_batches_per_worker"]) for e in skips] == [(step, step)]
 
 
 def test_baselines_full_and_freeze_last_n(ray_local, expanded):
@@ -217,15 +219,28 @@ def test_llamapro_mode_refuses_an_unexpanded_model(ray_local, expanded):
         run_training(TrainConfig(), str(expanded / "base"), str(expanded / "x"), ds, ev, seq_len=SEQ)
 
 
+def _ordered_data(ray):
+    ds, ev = _data(ray)
+    ds.context.execution_options.preserve_order = True  # what data.preserve_order sets
+    return ds, ev
+
+
 def test_rerun_with_same_name_resumes(ray_local, expanded):
     """A run that dies (no failure budget) picks up from its latest checkpoint when it is simply
-    rerun with the same name and storage path - the "my job was preempted" path."""
+    rerun with the same name and storage path - the "my job was preempted" path. With one worker
+    and an ordered stream, the resumed run goes on through the data exactly where the dead one
+    was: its losses are those of the same run never interrupted."""
+    tc = TrainConfig(max_steps=16, lr=3e-3, micro_batch_size=4, eval_every=100, checkpoint_every=4,
+                     max_failures=0, zero_stage=1, num_workers=1)
+    ds, ev = _ordered_data(ray_local)
+    ref = expanded / "rerun-ref"
+    assert run_training(tc, str(expanded / "exp"), str(ref), ds, ev, seq_len=SEQ, name="rerun-ref").error is None
+    reference = {e["step"]: e["loss"] for e in _events(ref, "step")}
+
     out = expanded / "rerun"
     out.mkdir()
     t, killed = _kill_after_checkpoint(out, "rerun", rank=0)
-    ds, ev = _data(ray_local)
-    tc = TrainConfig(max_steps=16, lr=3e-3, micro_batch_size=4, eval_every=100, checkpoint_every=4,
-                     max_failures=0, zero_stage=1)
+    ds, ev = _ordered_data(ray_local)
     t.start()
     failed = None
     try:
@@ -237,11 +252,16 @@ def test_rerun_with_same_name_resumes(ray_local, expanded):
     assert killed and failed is not None, "the first attempt should have died"
     assert not (out / "model").exists()
 
-    ds, ev = _data(ray_local)
+    ds, ev = _ordered_data(ray_local)
     res = run_training(tc, str(expanded / "exp"), str(out), ds, ev, seq_len=SEQ, name="rerun")
     assert res.error is None and res.metrics["final"]
     resumes = _events(out, "resume")
     assert len(resumes) == 1 and resumes[0]["step"] >= killed["after_checkpoint"]
     ran = [e["step"] for e in _events(out, "step")]
     assert max(ran) == 16 and ran.count(1) == 1
+    step = resumes[0]["step"]
+    assert [e["micro_batches_per_worker"] for e in _events(out, "data_skip")] == [step]
+    after = [e for e in _events(out, "step") if e["step"] > step]  # the resumed attempt's steps
+    assert after and all(abs(e["loss"] - reference[e["step"]]) <= 1e-5 * max(1.0, reference[e["step"]])
+                         for e in after), [(e["step"], e["loss"], reference[e["step"]]) for e in after]
     assert (out / "model" / "config.json").is_file()
