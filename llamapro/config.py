@@ -390,6 +390,11 @@ def apply_overrides(data: dict, overrides) -> dict:
 
 def load_config(path: str | os.PathLike | None = None, overrides=None, cls=Config):
     """Load ``path`` (YAML) strictly, apply dotted overrides, validate, return the typed tree."""
+    return from_dict(cls, read_config_data(path, overrides))
+
+
+def read_config_data(path: str | os.PathLike | None = None, overrides=None) -> dict:
+    """The YAML mapping at ``path`` (none: empty) with dotted overrides applied, not yet typed."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -401,5 +406,4 @@ def load_config(path: str | os.PathLike | None = None, overrides=None, cls=Confi
             raise ConfigError(f"{p}: not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    data = apply_overrides(data, overrides)
-    return from_dict(cls, data)
+    return apply_overrides(data, overrides)

@@ -52,7 +52,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from .config import ConfigError, apply_overrides, from_dict
+from .config import ConfigError, from_dict
 
 log = logging.getLogger("ray.serve")
 
@@ -408,22 +408,9 @@ def load_serve_config(path: str | os.PathLike | None = None, overrides=None) -> 
     """Load the ``serve:`` section of a llamapro YAML config strictly, with dotted overrides
     (``serve.canary.weights.expanded=0.5``). Other top-level sections are checked by
     ``llamapro.config.Config`` so a typo anywhere is still an error."""
-    import yaml
+    from .config import Config, read_config_data
 
-    from .config import Config
-
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    data = apply_overrides(data, overrides)
+    data = read_config_data(path, overrides)
     serve_section = data.pop("serve", None)
     if serve_section is not None and not isinstance(serve_section, dict):
         raise ConfigError("serve: expected a mapping")
