@@ -264,16 +264,30 @@ def fingerprint(model_dir: Path, sample: int = 4096) -> str:
     dtype and shape, and its first and last ``sample`` bytes. Cheap at any size (a few reads per
     tensor) yet different for any two real fine-tunes of one architecture."""
     model_dir = Path(model_dir)
+    return fingerprint_of(read_config(model_dir), tensor_table(model_dir), sample)
+
+
+def config_digest(config: dict) -> str:
+    """sha256 of a config without the keys that change on every save (versions, paths, dtype)."""
+    cfg = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG}
+    return "sha256:" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint_of(config: dict, table: dict[str, TensorInfo], sample: int = 4096) -> str:
+    """``fingerprint`` of a checkpoint described by a config and a tensor table whose entries may
+    point into several files: the fingerprint a directory with exactly these tensors and this
+    config would have, computed without writing it (packs check their base this way)."""
     h = hashlib.sha256()
-    cfg = {k: v for k, v in read_config(model_dir).items() if k not in _VOLATILE_CONFIG}
+    cfg = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG}
     h.update(json.dumps(cfg, sort_keys=True).encode())
-    table = tensor_table(model_dir)
     fds: dict[Path, int] = {}
     try:
         for name in sorted(table):
             t = table[name]
             h.update(f"{name}|{t.dtype}|{t.shape}|".encode())
-            fd = fds.setdefault(t.file, os.open(t.file, os.O_RDONLY))
+            if t.file not in fds:  # (setdefault would open, and leak, a descriptor per tensor)
+                fds[t.file] = os.open(t.file, os.O_RDONLY)
+            fd = fds[t.file]
             h.update(os.pread(fd, min(sample, t.nbytes), t.start))
             if t.nbytes > sample:
                 h.update(os.pread(fd, sample, t.start + t.nbytes - sample))
@@ -286,19 +300,77 @@ def fingerprint(model_dir: Path, sample: int = 4096) -> str:
 def content_digest(model_dir: Path, names=None) -> dict[str, str]:
     """Full sha256 of every tensor's bytes (or of ``names``): exact, and costs a full read."""
     table = tensor_table(Path(model_dir))
-    out = {}
-    for name in sorted(names or table):
-        t = table[name]
-        h = hashlib.sha256()
-        with open(t.file, "rb") as f:
-            f.seek(t.start)
-            left = t.nbytes
-            while left:
-                b = f.read(min(left, _CHUNK))
-                h.update(b)
-                left -= len(b)
-        out[name] = h.hexdigest()
-    return out
+    return {name: tensor_digest(table[name]) for name in sorted(names or table)}
+
+
+def tensor_digest(t: TensorInfo) -> str:
+    """sha256 of one tensor's bytes (dtype and shape included), read in chunks."""
+    h = hashlib.sha256()
+    with open(t.file, "rb") as f:
+        f.seek(t.start)
+        left = t.nbytes
+        while left:
+            b = f.read(min(left, _CHUNK))
+            if not b:
+                raise CheckpointError(f"{t.file}: ends inside tensor {t.name}")
+            h.update(b)
+            left -= len(b)
+    return h.hexdigest()
+
+
+def write_tensor_file(path: Path, entries: list[tuple[str, TensorInfo]], meta: dict | None = None,
+                      progress=None) -> int:
+    """Write a safetensors file holding ``entries`` (output name, source tensor) in that order,
+    copying each tensor's bytes from wherever it lives (``copy_file_range``); memory stays at a
+    few MB whatever the sizes. Returns the bytes of tensor data written."""
+    fds: dict[Path, int] = {}
+    dst_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    total = 0
+    try:
+        os.write(dst_fd, _header_bytes([(n, t.dtype, t.shape, t.nbytes) for n, t in entries], meta))
+        for _, t in entries:
+            if t.file not in fds:
+                fds[t.file] = os.open(t.file, os.O_RDONLY)
+            _copy_range(fds[t.file], dst_fd, t.start, t.nbytes, progress)
+            total += t.nbytes
+    finally:
+        os.close(dst_fd)
+        for fd in fds.values():
+            os.close(fd)
+    return total
+
+
+def write_tensor_dir(tmp: Path, table: dict[str, TensorInfo], config: dict, side_files_from: Path | None,
+                     max_shard_bytes: int = 2 << 30, progress: bool = False, desc: str = "write") -> dict:
+    """A standard HF checkpoint in ``tmp`` (an ``atomic_dir``): ``table``'s tensors, streamed into
+    shards of at most ``max_shard_bytes`` (an index when more than one), ``config.json`` and the
+    side files (tokenizer, chat template, generation config) of ``side_files_from``."""
+    names = sorted(table)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for n in names:
+        if shards[-1] and size + table[n].nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += table[n].nbytes
+    total = sum(t.nbytes for t in table.values())
+    bar, tick = _progress_bar(total, desc, progress)
+    weight_map = {}
+    for i, group in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_tensor_file(tmp / fname, [(n, table[n]) for n in group], {"format": "pt"}, tick)
+        weight_map.update({n: fname for n in group})
+    if bar:
+        bar.close()
+    if len(shards) > 1:
+        (tmp / INDEX_FILE).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+            indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if side_files_from is not None:
+        copy_side_files(Path(side_files_from), tmp)
+    return {"shards": len(shards), "bytes": total}
 
 
 def read_metadata(model_dir: Path) -> dict | None:
@@ -352,12 +424,19 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 def stream_expand(base_dir: Path, out_dir: Path, placement: Placement, family: Family | None = None,
                   force: bool = False, progress: bool = True, base_ref: str | None = None,
-                  before_publish=None, durable: bool = True) -> dict:
+                  before_publish=None, durable: bool = True, prove=None) -> dict:
     """Expand the checkpoint at ``base_dir`` into ``out_dir`` without loading it.
 
     ``before_publish`` (optional) runs in a thread beside the copy; its result is recorded as
-    ``structure_check`` and if it raises, nothing is published. Returns the metadata written to
-    ``out_dir/llamapro.json``.
+    ``structure_check`` and if it raises, nothing is published. ``prove`` (optional) is called
+    as ``prove(tmp_dir, meta) -> meta`` on the complete, unpublished output; if it raises (a
+    failed identity proof) nothing is published and a previous ``out_dir`` stays as it was.
+    Returns the metadata written to ``out_dir/llamapro.json``.
+
+    A base that is itself an expansion (``llamapro.json`` with new layers: an expanded, trained
+    or applied model) is grown again: the metadata records ``generation`` (previous + 1) and
+    ``generations``, each earlier generation's blocks at their new indices. ``new_layer_indices``
+    names only this generation's blocks, so training trains them and keeps earlier ones frozen.
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if out_dir.resolve() == base_dir.resolve():
@@ -458,6 +537,7 @@ def stream_expand(base_dir: Path, out_dir: Path, placement: Placement, family: F
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "verification": None,
         }
+        meta.update(generation_lineage(read_metadata(base_dir), placement, base_fp))
         meta["zero_bytes_checked"] = check_new_blocks_zero(tmp, meta)
         if checker is not None:
             checker.join()
@@ -465,7 +545,34 @@ def stream_expand(base_dir: Path, out_dir: Path, placement: Placement, family: F
                 raise check_box["error"]
             meta["structure_check"] = check_box["result"]
         write_metadata(tmp, meta)
+        if prove is not None:
+            meta = prove(tmp, meta)
     return meta
+
+
+def generation_lineage(prior: dict | None, placement: Placement, base_fp: str) -> dict:
+    """``generation`` and ``generations`` of an expansion of a model whose metadata is ``prior``:
+    each earlier generation's blocks renumbered into the new stack (they stay frozen: only
+    ``new_layer_indices``, this generation's, train), then this generation."""
+    earlier = []
+    if prior and prior.get("new_layer_indices"):
+        earlier = prior.get("generations") or [{
+            "generation": int(prior.get("generation") or 1),
+            "new_layer_indices": list(prior["new_layer_indices"]),
+            "base_fingerprint": (prior.get("base") or {}).get("fingerprint"),
+            "packs": [p.get("name") for p in prior.get("packs") or []] or None,
+        }]
+        for g in earlier:
+            if prior.get("training") and g is earlier[-1] and "training" not in g:
+                t = prior["training"]
+                g["training"] = {k: t.get(k) for k in ("mode", "steps", "tokens", "originals_frozen")}
+    o2e = placement.orig_to_expanded()
+    gens = [{**g, "new_layer_indices": [o2e[int(i)] for i in g["new_layer_indices"]]} for g in earlier]
+    gen = (max(int(g["generation"]) for g in gens) if gens else 0) + 1
+    gens.append({"generation": gen, "new_layer_indices": list(placement.new_indices),
+                 "base_fingerprint": base_fp})
+    return {"generation": gen, "generations": gens,
+            "frozen_layer_indices": sorted(i for g in gens[:-1] for i in g["new_layer_indices"])}
 
 
 def _data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:

@@ -258,19 +258,30 @@ def expand(base: str, out: str, blocks: int | None = None, strategy: str | None 
     def structure():
         return check_structure_isolated(config, new_config, sources, trust_remote_code)
 
-    meta = stream_expand(base_dir, Path(out), placement, family, force=force, progress=progress,
-                         base_ref=str(base_dir), before_publish=structure, durable=durable)
-    out_dir = Path(out)
-    meta["expand_seconds"] = round(time.perf_counter() - t0, 3)
-    write_metadata(out_dir, meta)
-    size_gb = sum(t.nbytes for t in tensor_table(out_dir).values()) / 1e9
-    if verify and size_gb <= verify_max_gb:
-        meta = verify_checkpoint(out, base=str(base_dir), trust_remote_code=trust_remote_code,
-                                 progress=progress)
-    elif verify:
-        log.warning("skipping the numerical proof: %.1f GB exceeds verify_max_gb=%.1f; run "
-                    "`llamapro verify %s` on a machine that can hold the model", size_gb, verify_max_gb, out)
-    return meta
+    def prove(tmp: Path, meta: dict) -> dict:
+        # On the unpublished output: a failed proof raises here, and atomic_dir then leaves a
+        # previous OUT (a good one replaced with --force) exactly as it was.
+        meta["expand_seconds"] = round(time.perf_counter() - t0, 3)
+        size_gb = sum(t.nbytes for t in tensor_table(tmp).values()) / 1e9
+        if verify and size_gb <= verify_max_gb:
+            write_metadata(tmp, meta)
+            meta = verify_checkpoint(str(tmp), base=str(base_dir), trust_remote_code=trust_remote_code,
+                                     progress=progress)
+        else:
+            reason = ("--no-verify" if not verify else
+                      f"{size_gb:.1f} GB exceeds verify_max_gb={verify_max_gb:g} (the proof loads the "
+                      "model and its base in float32)")
+            log.warning("%s is published UNPROVEN: %s. Only the structure and zero-byte checks ran. "
+                        "Run `llamapro verify %s` on a machine that can hold the model; training "
+                        "refuses it until then unless you pass --allow-unproven", out, reason, out)
+            meta["verification"] = {"ok": False, "status": "unproven", "reason": reason,
+                                    "how_to_prove": f"llamapro verify {out}",
+                                    "checks_passed": ["structure", "new blocks' writers zero"]}
+            write_metadata(tmp, meta)
+        return meta
+
+    return stream_expand(base_dir, Path(out), placement, family, force=force, progress=progress,
+                         base_ref=str(base_dir), before_publish=structure, durable=durable, prove=prove)
 
 
 def _load(model_dir, trust_remote_code: bool):
@@ -370,6 +381,39 @@ def verify_checkpoint(expanded: str, base: str | None = None, prompts=DEFAULT_PR
     return meta
 
 
+class UnprovenError(CheckpointError):
+    """Training was asked to start from an expansion whose identity proof failed or never ran."""
+
+
+def require_proven(meta: dict | None, allow_unproven: bool = False, where: str = "the model") -> None:
+    """Refuse an expansion (metadata with new layers) whose identity proof did not pass.
+
+    ``verification`` missing, None, skipped (``status: unproven``: too large, or ``--no-verify``)
+    and failed all count as unproven. A model without inserted layers (a baseline's base) has
+    nothing to prove. ``allow_unproven`` (``--allow-unproven``, ``train.allow_unproven``) lets it
+    through with a warning.
+    """
+    if not meta or not meta.get("new_layer_indices"):
+        return
+    v = meta.get("verification")
+    if isinstance(v, dict) and v.get("ok") is True:
+        return
+    if not isinstance(v, dict):
+        why = "its identity proof never ran or never finished (no verification recorded)"
+    elif v.get("status") == "unproven":
+        why = f"its identity proof was skipped ({v.get('reason')})"
+    else:
+        why = (f"its identity proof FAILED (max |dlogits| = {v.get('max_abs_logit_diff')}, greedy "
+               f"generation equal: {v.get('greedy_generation_equal')})")
+    if allow_unproven:
+        log.warning("training %s although %s (allowed by allow_unproven)", where, why)
+        return
+    raise UnprovenError(
+        f"{where} is an unproven expansion: {why}. Prove it with `llamapro verify <model dir>` "
+        "(or expand again), or train anyway with `llamapro train --allow-unproven` "
+        "(config: train.allow_unproven: true).")
+
+
 def strip(expanded: str, out: str, force: bool = False, progress: bool = True) -> dict:
     return stream_strip(Path(expanded), Path(out), force=force, progress=progress)
 
@@ -388,7 +432,12 @@ def summary(meta: dict) -> str:
         lines.append(f"structure    every layer of {sc['layers_checked']} built by transformers from the new "
                      "config has its source layer's tensors"
                      + (" (remembered from an identical earlier expansion)" if sc.get("cached") else ""))
-    if v:
+    if v.get("status") == "unproven":
+        lines.append(f"identity     UNPROVEN ({v.get('reason')}): run `{v.get('how_to_prove')}`; "
+                     "training refuses it until then unless --allow-unproven")
+    elif v.get("kind") == "tensors":
+        lines.append(f"identity     PROVEN on the tensors: {v.get('statement', '')}")
+    elif v:
         lines.append(
             f"identity     {'PROVEN' if v['ok'] else 'FAILED'}: max |dlogits| = {v['max_abs_logit_diff']:.3g} "
             f"({'bit-identical' if v['bit_identical_logits'] else 'not bit-identical'}) over "
