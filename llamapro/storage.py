@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .checkpoint import CheckpointError
 from .config import default_cache_dir
 
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -66,8 +69,22 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
+MANIFEST = ".llamapro-manifest.json"
+"""Written last into an uploaded directory: every file and its size. A directory with a manifest
+that its files match is complete; ``download`` refuses anything else of ours."""
+INCOMPLETE = ".llamapro-incomplete"
+"""Written first where a directory is replaced in place (object stores cannot rename a directory):
+its presence means an upload there started and did not finish."""
+_META = (MANIFEST, INCOMPLETE)
+
+
+class IncompleteUploadError(CheckpointError):
+    """A directory at a URI is not a complete upload (interrupted, or changed since)."""
+
+
 def _listing(fs, p: str) -> dict[str, int]:
-    """{relative path: size} of a file or of every file below a directory."""
+    """{relative path: size} of a file or of every file below a directory, without our
+    manifest and marker."""
     import pyarrow.fs as pafs
 
     info = fs.get_file_info(p)
@@ -75,7 +92,50 @@ def _listing(fs, p: str) -> dict[str, int]:
         return {"": info.size}
     sel = pafs.FileSelector(p, recursive=True)
     return {i.path[len(p):].lstrip("/"): i.size for i in fs.get_file_info(sel)
-            if i.type == pafs.FileType.File}
+            if i.type == pafs.FileType.File and i.base_name not in _META}
+
+
+def _read(fs, path: str) -> bytes | None:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def check_complete(uri: str, require_manifest: bool = True) -> None:
+    """Raise ``IncompleteUploadError`` unless the directory at ``uri`` is a complete upload: its
+    manifest lists exactly the files that are there, with their sizes. Without
+    ``require_manifest`` a directory nobody uploaded through llamapro (a base model someone put
+    in a bucket) passes, but one we started and did not finish still does not."""
+    import pyarrow.fs as pafs
+
+    fs, p = _fs(uri)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return
+    how = (f"upload it again (rerun the step that writes it); a partial copy is never used")
+    if fs.get_file_info(p + "/" + INCOMPLETE).type != pafs.FileType.NotFound:
+        raise IncompleteUploadError(f"{uri} is incomplete: an upload to it started and did not "
+                                    f"finish ({INCOMPLETE} is there); {how}")
+    raw = _read(fs, p + "/" + MANIFEST)
+    if raw is None:
+        if require_manifest:
+            raise IncompleteUploadError(
+                f"{uri} has no {MANIFEST}: it is not a complete llamapro upload (interrupted, or "
+                f"written by something else); {how}")
+        return
+    try:
+        want = json.loads(raw)["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise IncompleteUploadError(f"{uri}: corrupt {MANIFEST} ({e}); {how}") from None
+    have = _listing(fs, p)
+    if have != want:
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        size = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+        raise IncompleteUploadError(
+            f"{uri} does not match its {MANIFEST}: missing {missing[:5]}, unexpected {extra[:5]}, "
+            f"wrong size {size[:5]}; {how}")
 
 
 _SMALL = 1 << 20  # files up to this size are compared by content, larger ones by size
@@ -110,62 +170,203 @@ def _locked(dest: Path):
         yield
 
 
-def download(uri: str, dest) -> bool:
+def download(uri: str, dest, require_manifest: bool = True) -> bool:
     """Copy a file or directory tree at ``uri`` to local ``dest``, unless ``dest`` already holds
-    the same files (see ``_same``). The copy lands beside ``dest`` and replaces it in one rename,
-    under a lock, so a reader never sees half a tree. False when ``uri`` does not exist."""
+    the same files (see ``_same``). A directory must be a complete upload (``check_complete``;
+    ``require_manifest=False`` for directories llamapro did not upload). The copy lands beside
+    ``dest``, is checked against the manifest, and replaces ``dest`` in one rename, under a
+    lock, so a reader never sees half a tree. False when ``uri`` does not exist."""
     import pyarrow.fs as pafs
 
     fs, p = _fs(uri)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.NotFound:
         return False
+    check_complete(uri, require_manifest)
     dest = Path(dest).absolute()
     local = pafs.LocalFileSystem()
     with _locked(dest):
         if dest.exists() and _same(fs, p, local, str(dest.resolve())):
             return True
         tmp = dest.parent / f".{dest.name}.part-{os.getpid()}"
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        if info.type == pafs.FileType.Directory:
-            tmp.mkdir(parents=True)
-        pafs.copy_files(p, str(tmp), source_filesystem=fs, destination_filesystem=local)
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        _remove_local(tmp)
+        try:
+            if info.type == pafs.FileType.Directory:
+                tmp.mkdir(parents=True)
+            pafs.copy_files(p, str(tmp), source_filesystem=fs, destination_filesystem=local)
+            if info.type == pafs.FileType.Directory:
+                # what arrived is what the manifest promised (the tree may have been replaced
+                # while we copied); the local copy stays clean of our bookkeeping
+                if (tmp / MANIFEST).is_file():
+                    want = json.loads((tmp / MANIFEST).read_text())["files"]
+                    if _listing(local, str(tmp)) != want:
+                        raise IncompleteUploadError(
+                            f"{uri} changed while it was downloaded; try again")
+                for m in [q for q in tmp.rglob("*") if q.name in _META]:
+                    m.unlink()
+            if dest.is_dir() and _exchange(str(tmp), str(dest)):
+                shutil.rmtree(tmp)  # the previous copy, swapped out in the same step
+            else:
+                if dest.is_dir():
+                    shutil.rmtree(dest)
+                os.replace(tmp, dest)
+        except BaseException:
+            _remove_local(tmp)
+            raise
     return True
+
+
+def _remove_local(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _copy_tree(src: Path, files: list[str], fs, dst: str) -> None:
+    """Our copy loop, file by file (never our manifest or marker: a stale one downloaded with a
+    tree must not vouch for the new one)."""
+    import pyarrow.fs as pafs
+
+    local = pafs.LocalFileSystem()
+    made = set()
+    for rel in files:
+        parent = (dst + "/" + rel).rsplit("/", 1)[0]
+        if parent not in made:
+            fs.create_dir(parent, recursive=True)
+            made.add(parent)
+        pafs.copy_files(str(src / rel), dst + "/" + rel, source_filesystem=local,
+                        destination_filesystem=fs)
+
+
+def _write_manifests(fs, root: str, files: dict[str, int]) -> None:
+    """A manifest in every directory of the tree, deepest first and the root's last: a step may
+    pull one entry of an uploaded run (``run/model``) as well as the whole run."""
+    dirs = {""}
+    for rel in files:
+        parts = rel.split("/")[:-1]
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    for d in sorted(dirs, key=lambda d: (-d.count("/") - bool(d), d)):
+        sub = {k[len(d) + 1:] if d else k: v for k, v in files.items() if not d or k.startswith(d + "/")}
+        with fs.open_output_stream("/".join(x for x in (root, d, MANIFEST) if x)) as f:
+            f.write(json.dumps({"version": 1, "files": sub}, indent=1, sort_keys=True).encode())
+
+
+def _renames_dirs(fs) -> bool:
+    """Whether ``fs.move`` renames a directory in one step (object stores copy object by object,
+    or refuse)."""
+    return fs.type_name in ("local", "hdfs")
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two local paths in one step (Linux renameat2 RENAME_EXCHANGE); False if unavailable."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        f = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return f(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
 def upload(src, uri: str) -> None:
     """Copy local file or directory ``src`` to ``uri``; a directory replaces what was there, so
     no stale shard of an older version survives beside the new one. Nothing is copied when
-    ``uri`` already holds the same files (e.g. rank 0 uploaded them, the driver pushes again)."""
+    ``uri`` already holds the same files (e.g. rank 0 uploaded them, the driver pushes again).
+
+    Never half a model where a good one was: a directory is copied into a hidden staging
+    sibling, its manifest written last, then swapped into place in one rename (file systems),
+    or, where directories cannot be renamed (object stores), replaced in place under an
+    ``INCOMPLETE`` marker that only the finished manifest clears. A file is copied beside its
+    target and moved over it. A crash leaves either the previous version or a directory that
+    ``download`` refuses; an exception removes the staging copy."""
     import pyarrow.fs as pafs
 
-    src = Path(src)
+    src = Path(src).resolve()
     fs, p = _fs(uri)
-    if (fs.get_file_info(p).type != pafs.FileType.NotFound
-            and _same(pafs.LocalFileSystem(), str(src.resolve()), fs, p)):
+    p = p.rstrip("/")
+    target = fs.get_file_info(p)
+    if target.type != pafs.FileType.NotFound and _same(pafs.LocalFileSystem(), str(src), fs, p):
+        try:
+            check_complete(uri)
+            return
+        except IncompleteUploadError:
+            pass  # same files but unfinished: finish it
+    parent, name = p.rsplit("/", 1) if "/" in p else ("", p)
+    fs.create_dir(parent or "/", recursive=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if not src.is_dir():
+        part = f"{parent}/.{name}.part-{tag}"
+        try:
+            pafs.copy_files(str(src), part, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=fs)
+            fs.move(part, p)
+        except BaseException:
+            _delete_quietly(fs, part)
+            raise
         return
-    if src.is_dir():
-        if fs.get_file_info(p).type != pafs.FileType.NotFound:
-            fs.delete_dir(p)
-        fs.create_dir(p, recursive=True)
-    else:
-        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    pafs.copy_files(str(src.resolve()), p, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=fs)
+    files = _listing(pafs.LocalFileSystem(), str(src))
+    if _renames_dirs(fs):
+        stage = f"{parent}/.{name}.staging-{tag}"
+        try:
+            fs.create_dir(stage, recursive=True)
+            _copy_tree(src, sorted(files), fs, stage)
+            _write_manifests(fs, stage, files)
+            if fs.get_file_info(p).type == pafs.FileType.NotFound:
+                fs.move(stage, p)
+            elif fs.type_name == "local" and _exchange(stage, p):
+                pass  # stage now holds the old version, deleted below
+            else:
+                old = f"{parent}/.{name}.old-{tag}"
+                fs.move(p, old)
+                try:
+                    fs.move(stage, p)
+                except BaseException:
+                    fs.move(old, p)
+                    raise
+                stage = old
+        finally:
+            _delete_quietly(fs, stage)
+        return
+    # object stores: in place, marked incomplete until the manifest is written
+    fs.create_dir(p, recursive=True)
+    with fs.open_output_stream(p + "/" + INCOMPLETE) as f:
+        f.write(b"an upload is in progress or was interrupted\n")
+    for i in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
+        if i.base_name == MANIFEST:  # no part of the tree vouches for itself until the end
+            fs.delete_file(i.path)
+    for rel in _listing(fs, p):
+        if rel not in files:
+            fs.delete_file(p + "/" + rel)
+    _copy_tree(src, sorted(files), fs, p)
+    _write_manifests(fs, p, files)
+    fs.delete_file(p + "/" + INCOMPLETE)
 
 
-def localize(path: str) -> str:
+def _delete_quietly(fs, path: str) -> None:
+    import pyarrow.fs as pafs
+
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
+    except OSError:
+        pass
+
+
+def localize(path: str, require_manifest: bool = False) -> str:
     """A local path for something to read (e.g. a base model at ``s3://...``): URIs are
     downloaded into the cache (again only when the remote copy changed); anything else is
-    returned unchanged."""
+    returned unchanged. A directory someone put there without llamapro (no manifest) is
+    accepted unless ``require_manifest``; an interrupted or mismatched upload of ours never is."""
     if not is_uri(path):
         return path
     dest = local_dir(path)
-    if not download(path, dest):
+    if not download(path, dest, require_manifest=require_manifest):
         raise FileNotFoundError(f"{path} does not exist")
     return str(dest)
 
