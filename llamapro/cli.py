@@ -54,6 +54,15 @@ def cmd_verify(a) -> int:
 def cmd_strip(a) -> int:
     from . import steps
 
+    if a.pack is not None:  # one pack of an applied model; the others stay
+        from .pack import strip_pack
+
+        res = strip_pack(a.checkpoint, a.out, a.pack, force=a.force, progress=not a.quiet)
+        print(steps.dumps(res) if a.json else
+              f"removed pack {res['removed']} -> {a.out}: " + (
+                  f"packs {[p['name'] for p in res['packs']]} remain, as `llamapro apply` of them writes"
+                  if res["packs"] else "the base, bit for bit" if res["equals_base"] else "the base's layers"))
+        return EXIT_OK
     res = steps.strip(a.checkpoint, a.out, force=a.force, progress=not a.quiet)
     if a.json:
         print(steps.dumps(res))
@@ -62,6 +71,34 @@ def cmd_strip(a) -> int:
         print("tensors and config equal the recorded base bit for bit" if res["equals_base"] else
               "the result differs from the recorded base (the original layers were trained, or "
               "the base was modified): it has the base's architecture, not its exact weights")
+    return EXIT_OK
+
+
+def cmd_pack(a) -> int:
+    from . import steps
+    from .pack import make_pack
+
+    res = make_pack(a.source, a.out, force=a.force, name=a.name, trust_remote_code=a.trust_remote_code)
+    print(steps.dumps(res) if a.json else
+          f"pack {res['name']} -> {a.out}: {len(res['positions'])} blocks at {res['positions']} of "
+          f"{res['num_layers']} layers, {res['blocks']['bytes'] / 1e6:.1f} MB\nfor the base {res['base_fingerprint']}")
+    return EXIT_OK
+
+
+def cmd_apply(a) -> int:
+    from . import steps
+    from .pack import apply_packs
+
+    res = apply_packs(a.base, a.packs, a.out, force=a.force, progress=not a.quiet)
+    if a.json:
+        print(steps.dumps(res))
+    else:
+        for p in res["packs"]:
+            print(f"pack {p['name']} ({p['mode']}) at layers {p['positions']}")
+        print(f"applied -> {a.out} ({res['num_layers']} layers)\nidentity     PROVEN on the tensors: "
+              f"{res['verification']['statement']}")
+        if res["equals_trained_model"]:
+            print("the result is the trained model the last pack was made from (same fingerprint)")
     return EXIT_OK
 
 
@@ -101,8 +138,10 @@ def cmd_train(a) -> int:
     from .config import load_config
     from .pipeline import train_step
 
-    cfg = load_config(a.config, a.overrides + ([f"train.mode={a.mode}"] if a.mode else []))
-    res = train_step(cfg)
+    # --mode derives a baseline as `run.baselines` does (same budget, one stage, nothing that only
+    # applies to llamapro); `train.mode=...` as an override still means exactly that config
+    cfg = load_config(a.config, a.overrides + (["train.allow_unproven=true"] if a.allow_unproven else []))
+    res = train_step(cfg, mode=a.mode)
     print(f"trained model: {res['model']}\nmetrics: {res['out']}/metrics.jsonl")
     return EXIT_OK
 
@@ -186,7 +225,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true")
     s.add_argument("--json", action="store_true")
     s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("--pack", default=None, metavar="NAME",
+                   help="of a model made by `llamapro apply`: remove only this pack (name or stack "
+                        "position, 0 first); the result equals `apply` of the others")
     s.set_defaults(fn=cmd_strip)
+
+    pk = sub.add_parser("pack", help="the inserted blocks of a trained run as a small pack for its base")
+    pk.add_argument("source", metavar="RUN_OR_MODEL")
+    pk.add_argument("out", metavar="OUT")
+    pk.add_argument("--name", default=None, help="the pack's name (default: OUT's name)")
+    pk.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    pk.add_argument("--trust-remote-code", action="store_true")
+    pk.add_argument("--json", action="store_true")
+    pk.set_defaults(fn=cmd_pack)
+
+    ap = sub.add_parser("apply", help="a standard checkpoint from a base and packs (stacked in order)")
+    ap.add_argument("base", help="the base model the packs were made for (checked by fingerprint)")
+    ap.add_argument("packs", nargs="+", metavar="PACK")
+    ap.add_argument("out", metavar="OUT")
+    ap.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("-q", "--quiet", action="store_true")
+    ap.set_defaults(fn=cmd_apply)
 
     d = sub.add_parser("demo-model", help="convert the bundled SmolLM2 GGUF to a cached HF directory")
     d.set_defaults(fn=cmd_demo_model)
@@ -203,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.zero_stage=3")
     t.add_argument("--mode", choices=["llamapro", "full", "lora", "freeze_last_n"],
                    help="shortcut for train.mode")
+    t.add_argument("--allow-unproven", action="store_true",
+                   help="train an expansion whose identity proof failed or never ran (train.allow_unproven)")
     t.set_defaults(fn=cmd_train)
 
     tu = sub.add_parser("tune", help="search insertion positions, block counts, stage ratios, LR "
