@@ -112,6 +112,10 @@ def add_eval_commands(subparsers) -> None:
     x.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto keeps the checkpoint's dtype (needed for an exact strip rollback)")
     x.add_argument("--base-model", default=None, help="hub id for the model card's base_model")
+    x.add_argument("--format", default="hf", choices=["hf", "gguf", "torchao-int8", "torchao-int4", "gptq", "awq"],
+                   help="hf: safetensors directory (default); gguf: one llama.cpp/Ollama file; "
+                        "torchao-*: weight-only quantized HF directory; gptq/awq: needs a GPU")
+    x.add_argument("--quant", default=None, help="gguf: f32, f16 (default), bf16, q8_0, q4_0, q4_1, q5_0, q5_1")
     x.add_argument("--trust-remote-code", action="store_true")
     x.add_argument("--json", action="store_true")
     x.add_argument("-q", "--quiet", action="store_true")
@@ -159,6 +163,18 @@ def cmd_export(a) -> int:
     from .export import export
     from .families import UnsupportedModelError
 
+    if getattr(a, "format", "hf") != "hf":
+        from .export import export_format
+
+        try:
+            res = export_format(a.format, a.source, a.out, quant=a.quant, force=a.force,
+                                trust_remote_code=a.trust_remote_code, say=_say(a.quiet))
+        except (ConfigError, CheckpointError, UnsupportedModelError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(json.dumps(res, indent=2) if a.json else
+              f"exported -> {res['path']} ({a.format}, {res['bytes'] / 2**20:.1f} MiB)")
+        return EXIT_OK
     try:
         cfg = load(a.config, [])
         xc: ExportConfig = cfg.export

@@ -337,3 +337,34 @@ def write_standard_dir(model, out: Path, ckpt: Path, run: Path | None, meta: dic
     stale = sorted(p.name for p in out.parent.glob(f".{out.name}.tmp-*"))
     return {"out": str(out), "metadata_file": str(out / METADATA_FILE), **export_info,
             "stale_partial_exports": stale}
+
+
+# --- other formats --------------------------------------------------------------------------------
+
+FORMATS = ("hf", "gguf", "torchao-int8", "torchao-int4", "gptq", "awq")
+
+
+def export_format(fmt: str, src, out, quant: str | None = None, force: bool = False,
+                  trust_remote_code: bool = False, say=None) -> dict:
+    """Export in a portable or quantized format (``hf`` is :func:`export`). Each writer checks
+    the whole request before writing and publishes OUT atomically; the result has ``path`` (the
+    file or directory to load) and ``bytes`` (its size on disk)."""
+    if fmt == "gguf":
+        from .gguf_export import export_gguf
+
+        return export_gguf(src, out, quant=quant or "f16", force=force,
+                           trust_remote_code=trust_remote_code, say=say)
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if quant:
+        raise CheckpointError(f"--quant applies to --format gguf only (got --format {fmt} --quant {quant})")
+    from . import quant_export
+
+    if fmt.startswith("torchao-"):
+        return quant_export.export_torchao(src, out, scheme=fmt.split("-", 1)[1], force=force,
+                                           trust_remote_code=trust_remote_code, say=say)
+    if fmt in ("gptq", "awq"):
+        return quant_export.export_gptq(src, out, method=fmt, force=force,
+                                        trust_remote_code=trust_remote_code, say=say)
+    res = export(src, out, force=force, trust_remote_code=trust_remote_code, say=say)
+    return {**res, "path": res["out"], "bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
