@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         print(f"deleted Serve app {cfg.app_name!r}")
         return 0
     try:
-        deploy(cfg, runtime_env=job_runtime_env(), wait_s=a.timeout)
+        deploy(cfg, runtime_env=job_runtime_env(cfg), wait_s=a.timeout)
     except (RuntimeError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DEPLOY_FAILED

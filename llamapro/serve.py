@@ -14,10 +14,16 @@ One application, two kinds of deployment:
                     limits are its ``user_config``: redeploying a config that only changes them calls
                     ``reconfigure`` on the live replica (no restart, no dropped request).
 ``model-<name>``    one per model: an engine (transformers here; vLLM when a GPU and vllm are present).
-                    Tokenizing, the chat template and the context check run on the replica's event
-                    loop; ``@serve.batch`` groups concurrent arrivals into one admission (one prefill);
+                    Tokenizing, the chat template and the context check run on one tokenizer
+                    thread (never on the replica's event loop); ``@serve.batch`` groups concurrent arrivals into one admission (one prefill);
                     generation runs on one engine thread, off the event loop, batching continuously
                     (a request joins the running batch at the next token, leaves it when done).
+
+Overload is answered, never queued without bound: each model's queue at the ingress is bounded
+(``max_queued_requests``), the ingress's own queue too, bodies are capped; a full queue answers 503 with
+``Retry-After``. A failed prefill or decode step fails its requests with a 500/503 and the engine keeps
+serving; ``limits.request_timeout_s`` bounds every request. The pure protocol code (validation, errors)
+is ``llamapro.serve_protocol``; the engines are ``llamapro.serve_engine``.
 
 The config tree (``ServeConfig``) lives here until it joins ``llamapro.config``. Keys that can change
 while serving (canary weights, limits, autoscaling, batch sizes, queue limits) are deployment options or
@@ -25,20 +31,18 @@ while serving (canary weights, limits, autoscaling, batch sizes, queue limits) a
 """
 
 import asyncio
-import collections
+import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import hashlib
 import hmac
-import importlib.util
 import json
 import logging
 import math
 import os
-import queue
 import random
 import re
-import secrets
 import threading
 import time
 import uuid
@@ -53,6 +57,25 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from .config import ConfigError, from_dict
+from .serve_engine import (  # noqa: F401  (re-exported: llamapro.serve is the public module)
+    Prepared,
+    TransformersEngine,
+    VLLMEngine,
+    engine_error,
+    load_engine,
+    select_engine,
+)
+from .serve_protocol import (  # noqa: F401
+    APIError,
+    _bad,
+    parse_json_body,
+    parse_messages,
+    parse_prompts,
+    parse_sampling,
+    sse as _sse,
+    too_large,
+    usage as _usage,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -188,9 +211,12 @@ class ModelServeConfig:
     max_ongoing_requests: int = 0
     """Requests a replica accepts at once (running batch + next batch); 0 = 2 x max_batch_size.
     Must be >= max_batch_size or batches can never fill. Live."""
-    max_queued_requests: int = -1
-    """Requests allowed to wait for a replica beyond that; more get HTTP 503 (backpressure).
-    -1 = unbounded. Live."""
+    max_queued_requests: int = 32
+    """Requests allowed to wait for a replica beyond that (per ingress replica); more get HTTP 503
+    with ``Retry-After`` at once instead of waiting behind a queue that cannot drain. -1 = unbounded
+    (not recommended: overload then shows up as timeouts). Live."""
+    retry_after_s: float = 2.0
+    """``Retry-After`` seconds sent with a 503 when this model's queue is full. Live."""
     autoscaling: dict | None = None
     """Overrides of ``serve.autoscaling`` for this model (merged key by key)."""
     vllm: dict = field(default_factory=dict)
@@ -226,6 +252,8 @@ class ModelServeConfig:
         if self.max_queued_requests < -1:
             raise ConfigError(f"{_key('max_queued_requests')}={self.max_queued_requests}: "
                               "-1 (unbounded) or >= 0")
+        if not 0 <= self.retry_after_s <= 3600:
+            raise ConfigError(f"{_key('retry_after_s')}={self.retry_after_s}: must be in [0, 3600]")
 
     def ongoing_limit(self) -> int:
         return self.max_ongoing_requests or 2 * self.max_batch_size
@@ -271,6 +299,13 @@ class LimitsConfig:
     null = min(256, max_tokens)."""
     max_prompts: int = 16
     """Most prompts in one /v1/completions request (each is one batched generation)."""
+    max_body_bytes: int = 1_048_576
+    """Largest request body accepted (HTTP 413 above it), read in chunks so a larger one is never
+    held in memory. 1 MiB holds a prompt of ~250k tokens, beyond any context served here."""
+    request_timeout_s: float = 600.0
+    """Longest a request may wait for its model: for a whole non-streaming answer, or between two
+    events of a stream. Past it the request is cancelled (its row leaves the batch) and the client
+    gets HTTP 504 (or an error event in the stream)."""
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -282,6 +317,11 @@ class LimitsConfig:
                               f"be in [1, limits.max_tokens={self.max_tokens}]")
         if self.max_prompts < 1:
             raise ConfigError(f"{_key('limits.max_prompts')}={self.max_prompts}: must be >= 1")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"{_key('limits.max_body_bytes')}={self.max_body_bytes}: must be >= 1024")
+        if not self.request_timeout_s > 0:
+            raise ConfigError(f"{_key('limits.request_timeout_s')}={self.request_timeout_s}: "
+                              "must be > 0")
 
 
 @dataclass
@@ -294,6 +334,11 @@ class IngressConfig:
     """Ray logical CPUs per ingress replica (it mostly awaits the models)."""
     max_ongoing_requests: int = 256
     """Concurrent HTTP requests per ingress replica (Ray's default of 5 would throttle streams)."""
+    max_queued_requests: int = 256
+    """HTTP requests Serve's proxy holds for the ingress beyond that; more get HTTP 503 with
+    ``Retry-After`` (``retry_after_s``). -1 = unbounded (not recommended)."""
+    retry_after_s: float = 2.0
+    """``Retry-After`` seconds of the proxy's 503 when the ingress queue is full."""
 
     def __post_init__(self):
         if self.num_replicas < 1:
@@ -302,6 +347,12 @@ class IngressConfig:
             raise ConfigError(f"{_key('ingress.num_cpus')}={self.num_cpus}: must be >= 0")
         if self.max_ongoing_requests < 1:
             raise ConfigError(f"{_key('ingress.max_ongoing_requests')}: must be >= 1")
+        if self.max_queued_requests < -1:
+            raise ConfigError(f"{_key('ingress.max_queued_requests')}={self.max_queued_requests}: "
+                              "-1 (unbounded) or >= 0")
+        if not 0 <= self.retry_after_s <= 3600:
+            raise ConfigError(f"{_key('ingress.retry_after_s')}={self.retry_after_s}: "
+                              "must be in [0, 3600]")
 
 
 @dataclass
@@ -436,12 +487,13 @@ def absolutize_paths(cfg: ServeConfig, base: str | os.PathLike | None = None) ->
 # changing them is a lightweight in-place update (Ray hashes build args into the code version).
 _LIVE_TOP = ("canary", "limits", "autoscaling", "host", "port", "app_name", "route_prefix")
 _LIVE_MODEL = ("autoscaling", "max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests",
-               "max_queued_requests")
+               "max_queued_requests", "retry_after_s")
 
 
 def _ingress_user_config(cfg: ServeConfig) -> dict:
     return {"weights": cfg.weights(), "seed": cfg.canary.seed,
-            "limits": dataclasses.asdict(cfg.limits)}
+            "limits": dataclasses.asdict(cfg.limits),
+            "retry_after_s": {n: m.retry_after_s for n, m in cfg.models.items()}}
 
 
 def _model_user_config(m: ModelServeConfig) -> dict:
@@ -468,23 +520,34 @@ def static_args(cfg: ServeConfig) -> dict:
     for m in d["models"].values():
         for k in _LIVE_MODEL:
             m.pop(k, None)
-    for k in ("num_replicas", "max_ongoing_requests"):
+    for k in ("num_replicas", "max_ongoing_requests", "max_queued_requests", "retry_after_s"):
         d["ingress"].pop(k, None)
     return {"serve": d}
 
 
 def deployment_overrides(cfg: ServeConfig) -> list[dict]:
     """The live part of a config as Serve ``deployments:`` entries."""
-    out = [{"name": INGRESS_NAME, "num_replicas": cfg.ingress.num_replicas,
-            "max_ongoing_requests": cfg.ingress.max_ongoing_requests,
-            "user_config": _ingress_user_config(cfg)}]
-    for name, m in cfg.models.items():
-        out.append({"name": model_deployment_name(name),
-                    "autoscaling_config": cfg.autoscaling_of(name).to_ray(),
-                    "max_ongoing_requests": m.ongoing_limit(),
-                    "max_queued_requests": m.max_queued_requests,
-                    "user_config": _model_user_config(m)})
+    out = [{"name": INGRESS_NAME, **_ingress_options(cfg)}]
+    for name in cfg.models:
+        out.append({"name": model_deployment_name(name), **_model_options(cfg, name)})
     return out
+
+
+def _ingress_options(cfg: ServeConfig) -> dict:
+    i = cfg.ingress
+    return {"num_replicas": i.num_replicas, "max_ongoing_requests": i.max_ongoing_requests,
+            "max_queued_requests": i.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": i.retry_after_s},
+            "user_config": _ingress_user_config(cfg)}
+
+
+def _model_options(cfg: ServeConfig, name: str) -> dict:
+    m = cfg.models[name]
+    return {"autoscaling_config": cfg.autoscaling_of(name).to_ray(),
+            "max_ongoing_requests": m.ongoing_limit(),
+            "max_queued_requests": m.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": m.retry_after_s},
+            "user_config": _model_user_config(m)}
 
 
 def serve_deploy_config(cfg: ServeConfig, runtime_env: dict | None = None) -> dict:
@@ -494,6 +557,7 @@ def serve_deploy_config(cfg: ServeConfig, runtime_env: dict | None = None) -> di
     edits to ``args`` rebuild the app (replicas restart, rolling)."""
     app = {"name": cfg.app_name, "route_prefix": cfg.route_prefix, "import_path": IMPORT_PATH,
            "args": static_args(cfg), "deployments": deployment_overrides(cfg)}
+    runtime_env = strip_secrets(runtime_env, cfg)
     if runtime_env:
         app["runtime_env"] = runtime_env
     return {"proxy_location": "EveryNode",
@@ -526,614 +590,23 @@ def build_app(args: dict | None = None):
 
 def app_from_config(cfg: ServeConfig):
     """The bound Serve application for a validated config."""
+    from ray.serve.config import BackpressureConfig
+
+    def opts(d: dict) -> dict:
+        return {**d, "backpressure_config": BackpressureConfig(**d["backpressure_config"])}
+
     handles = {}
     for name, m in cfg.models.items():
         handles[name] = ModelServer.options(
             name=model_deployment_name(name),
             ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
-            autoscaling_config=cfg.autoscaling_of(name).to_ray(),
-            max_ongoing_requests=m.ongoing_limit(),
-            max_queued_requests=m.max_queued_requests,
-            user_config=_model_user_config(m),
+            **opts(_model_options(cfg, name)),
         ).bind(_model_spec(cfg, name))
     return OpenAIIngress.options(
         name=INGRESS_NAME,
-        num_replicas=cfg.ingress.num_replicas,
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
-        max_ongoing_requests=cfg.ingress.max_ongoing_requests,
-        user_config=_ingress_user_config(cfg),
+        **opts(_ingress_options(cfg)),
     ).bind(_ingress_spec(cfg), handles)
-
-
-# --- OpenAI request validation (pure) -------------------------------------------------------------
-
-class APIError(Exception):
-    """An OpenAI-style error: ``{"error": {message, type, param, code}}`` with an HTTP status."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def to_dict(self) -> dict:
-        return {"status": self.status, "message": self.message, "type": self.type,
-                "param": self.param, "code": self.code}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "APIError":
-        return cls(d["status"], d["message"], d.get("type") or "invalid_request_error",
-                   d.get("param"), d.get("code"))
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-def _bad(param: str, msg: str, code: str | None = None) -> APIError:
-    return APIError(400, msg, param=param, code=code)
-
-
-def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open=False) -> float:
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _bad(name, f"'{name}' must be a number, got {v!r}")
-    if v > hi or v < lo or (lo_open and v == lo):
-        raise _bad(name, f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}",
-                   code="invalid_value")
-    return float(v)
-
-
-def _int(body: dict, name: str) -> int | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        if isinstance(v, float) and v.is_integer():
-            return int(v)
-        raise _bad(name, f"'{name}' must be an integer, got {v!r}")
-    return v
-
-
-def _unsupported(body: dict, checks: dict):
-    for name, is_default in checks.items():
-        if name in body and body[name] is not None and not is_default(body[name]):
-            raise _bad(name, f"'{name}'={body[name]!r} is not supported by this server",
-                       code="unsupported_parameter")
-
-
-_COMMON_UNSUPPORTED = {
-    "n": lambda v: v == 1,
-    "logprobs": lambda v: v in (False, 0),
-    "top_logprobs": lambda v: v in (0,),
-    "presence_penalty": lambda v: v == 0,
-    "frequency_penalty": lambda v: v == 0,
-    "logit_bias": lambda v: not v,
-    "best_of": lambda v: v == 1,
-    "echo": lambda v: v is False,
-    "suffix": lambda v: not v,
-    "tools": lambda v: not v,
-    "functions": lambda v: not v,
-    "response_format": lambda v: isinstance(v, dict) and v.get("type", "text") == "text",
-}
-
-
-def parse_sampling(body: dict, limits: dict) -> dict:
-    """Validate the sampling fields shared by both endpoints; returns the model request fields."""
-    _unsupported(body, _COMMON_UNSUPPORTED)
-    mt = _int(body, "max_completion_tokens")
-    if mt is None:
-        mt = _int(body, "max_tokens")
-    if mt is not None:
-        if mt < 1:
-            raise _bad("max_tokens", f"'max_tokens' must be >= 1, got {mt}", code="invalid_value")
-        if mt > limits["max_tokens"]:
-            raise _bad("max_tokens", f"'max_tokens'={mt} exceeds this server's cap of "
-                       f"{limits['max_tokens']}", code="max_tokens_exceeded")
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise _bad("stop", "'stop' must be a non-empty string or a list of up to 4 of them")
-    seed = _int(body, "seed")
-    for name in ("stream", "ignore_eos"):
-        if name in body and body[name] is not None and not isinstance(body[name], bool):
-            raise _bad(name, f"'{name}' must be true or false")
-    so = body.get("stream_options")
-    if so is not None and not isinstance(so, dict):
-        raise _bad("stream_options", "'stream_options' must be an object")
-    return {"max_tokens": mt, "default_max_tokens": limits["default_max_tokens"],
-            "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
-            "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-            "stop": stop, "seed": seed, "ignore_eos": bool(body.get("ignore_eos") or False)}
-
-
-_ROLES = {"system", "developer", "user", "assistant", "tool"}
-
-
-def parse_messages(body: dict) -> list[dict]:
-    msgs = body.get("messages")
-    if msgs is None:
-        raise _bad("messages", "'messages' is required", code="missing_required_parameter")
-    if not isinstance(msgs, list) or not msgs:
-        raise _bad("messages", "'messages' must be a non-empty list")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
-            raise _bad(f"messages[{i}]", f"messages[{i}] needs a 'role' in {sorted(_ROLES)}")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
-            texts = []
-            for part in content:
-                if not (isinstance(part, dict) and part.get("type") == "text"
-                        and isinstance(part.get("text"), str)):
-                    raise _bad(f"messages[{i}].content", "only text content parts are supported")
-                texts.append(part["text"])
-            content = "".join(texts)
-        elif content is None:
-            content = ""
-        elif not isinstance(content, str):
-            raise _bad(f"messages[{i}].content", "'content' must be a string or text parts")
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
-    return out
-
-
-def parse_prompts(body: dict, max_prompts: int) -> list:
-    """/v1/completions ``prompt``: a string, a list of strings, token ids, or lists of token ids."""
-    p = body.get("prompt")
-    if p is None:
-        raise _bad("prompt", "'prompt' is required", code="missing_required_parameter")
-    if isinstance(p, str):
-        prompts = [p]
-    elif isinstance(p, list) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
-        prompts = [p]
-    elif isinstance(p, list) and p and all(
-            isinstance(x, str) or (isinstance(x, list) and x and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in x)) for x in p):
-        prompts = list(p)
-    else:
-        raise _bad("prompt", "'prompt' must be a string, a list of strings, or token id list(s)")
-    if len(prompts) > max_prompts:
-        raise _bad("prompt", f"at most {max_prompts} prompts per request, got {len(prompts)}")
-    return prompts
-
-
-# --- engines --------------------------------------------------------------------------------------
-
-@dataclass
-class Prepared:
-    """A validated, tokenized request inside a model replica."""
-
-    ids: list
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: list
-    seed: int | None
-    ignore_eos: bool
-    stream: bool = True
-    """False: only the final event is emitted, carrying the whole text (no per-token wake-ups)."""
-    cancelled: bool = False
-    batch_size: int = 0
-    emit: Any = None
-    """Called from the engine thread with each event dict (or the exception that ended it)."""
-
-
-class _Row:
-    """Per-request generation state: tokens, incremental detokenization, stop strings, sampler."""
-
-    def __init__(self, p: Prepared, engine):
-        import torch
-
-        self.p, self.engine = p, engine
-        self.out: list[int] = []
-        self.acc: list[str] = []  # text so far, for non-streaming requests
-        self.n = 0
-        self.emitted = 0
-        self.finish: str | None = None
-        self.maxstop = max((len(s) for s in p.stop), default=0)
-        seed = p.seed if p.seed is not None else secrets.randbits(63)
-        self.gen = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
-
-    def emit(self, item) -> None:
-        if self.p.emit is not None:
-            self.p.emit(item)
-
-    def uniform(self) -> float:
-        import torch
-
-        return torch.rand(1, generator=self.gen).item()
-
-    def push(self, tok: int) -> dict:
-        self.n += 1
-        eos = tok in self.engine.eos_ids and not self.p.ignore_eos
-        if not eos:
-            self.out.append(tok)
-        text = self.engine.decode(self.out)
-        final = eos or self.n >= self.p.max_tokens
-        cut = None
-        if self.p.stop:
-            start = max(0, self.emitted - self.maxstop + 1)
-            hits = [i for i in (text.find(s, start) for s in self.p.stop) if i >= 0]
-            if hits:
-                cut = max(min(hits), self.emitted)
-        if cut is not None:
-            text, final, self.finish = text[:cut], True, "stop"
-        elif eos:
-            self.finish = "stop"
-        elif final:
-            self.finish = "length"
-        if final:
-            safe = len(text)
-        else:
-            safe = len(text)
-            while safe > self.emitted and text[safe - 1] == "\ufffd":  # half a UTF-8 character
-                safe -= 1
-            for k in range(min(self.maxstop - 1, safe - self.emitted), 0, -1):
-                if any(s.startswith(text[safe - k:safe]) for s in self.p.stop):
-                    safe -= k  # might be the start of a stop string: hold it back
-                    break
-        delta = text[self.emitted:safe] if safe > self.emitted else ""
-        self.emitted = max(self.emitted, safe)
-        return {"text": delta, "finish_reason": self.finish, "completion_tokens": self.n}
-
-
-class _Tokenizing:
-    """Shared by engines: chat template, tokenization and the context check."""
-
-    tok: Any
-    context: int
-
-    def _init_tokenizer(self, path: str, trust_remote_code: bool):
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-    def prepare(self, req: dict) -> Prepared:
-        if req["kind"] == "chat":
-            if not getattr(self.tok, "chat_template", None):
-                raise _bad("messages", "this model has no chat template; use /v1/completions")
-            try:
-                text = self.tok.apply_chat_template(req["messages"], add_generation_prompt=True,
-                                                    tokenize=False)
-            except Exception as e:  # the template's own checks (e.g. role alternation)
-                raise _bad("messages", f"the chat template rejected the messages: {e}") from None
-            ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
-        elif isinstance(req["prompt"], str):
-            ids = list(self.tok(req["prompt"])["input_ids"])
-        else:
-            ids = list(req["prompt"])
-            if any(not 0 <= t < self.vocab_size for t in ids):
-                raise _bad("prompt", f"token ids must be in [0, {self.vocab_size})")
-        if not ids:
-            raise _bad("prompt", "the prompt is empty")
-        n = len(ids)
-        if n >= self.context:
-            raise _bad("messages" if req["kind"] == "chat" else "prompt",
-                       f"This model's maximum context length is {self.context} tokens. However, "
-                       f"your prompt has {n} tokens.", code="context_length_exceeded")
-        mt = req["max_tokens"]
-        if mt is None:
-            mt = min(req["default_max_tokens"], self.context - n)
-        elif n + mt > self.context:
-            raise _bad("max_tokens", f"This model's maximum context length is {self.context} tokens. "
-                       f"However, you requested {n + mt} tokens ({n} in the prompt, {mt} for the "
-                       "completion). Please reduce the prompt or max_tokens.",
-                       code="context_length_exceeded")
-        return Prepared(ids=ids, max_tokens=mt, temperature=req["temperature"], top_p=req["top_p"],
-                        stop=list(req["stop"]), seed=req["seed"], ignore_eos=req["ignore_eos"])
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-
-class TransformersEngine(_Tokenizing):
-    """Continuous batching with a plain PyTorch token loop (KV cache, left padding, per-row params).
-
-    One engine thread owns the model. ``submit`` hands it a group of requests (a ``@serve.batch``
-    batch); the thread prefills a group in one forward pass and merges it into the running batch at
-    the next token, so a request never waits for a whole earlier batch to finish. At most
-    ``max_running`` rows run at once; the rest wait their turn. Each row has its own temperature /
-    top_p / seed (a private torch.Generator, so a seeded request gives the same text whatever it is
-    batched with), max_tokens, stop strings and EOS; finished or cancelled rows leave the batch and
-    the KV cache at once. Events go to each request's ``emit`` callback."""
-
-    continuous = False  # admitted through @serve.batch; see ModelServerImpl._admit
-
-    def __init__(self, path: str, *, dtype: str = "auto", device: str = "auto",
-                 trust_remote_code: bool = False, max_context: int = 0, max_running: int = 8,
-                 threads: int = 0):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        self.torch = torch
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if dtype == "auto":
-            tdtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        else:
-            tdtype = getattr(torch, dtype)
-        self._init_tokenizer(path, trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=tdtype, trust_remote_code=trust_remote_code).to(self.device).eval()
-        cfg = self.model.config
-        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        self.vocab_size = int(getattr(text_cfg, "vocab_size", 0) or len(self.tok))
-        ctx = max_context or getattr(text_cfg, "max_position_embeddings", 0) or 0
-        if not ctx and 0 < getattr(self.tok, "model_max_length", 0) < 10**7:
-            ctx = self.tok.model_max_length
-        self.context = int(ctx or 2048)
-        eos = set()
-        for src in (getattr(self.model.generation_config, "eos_token_id", None),
-                    getattr(text_cfg, "eos_token_id", None), self.tok.eos_token_id):
-            if isinstance(src, int):
-                eos.add(src)
-            elif isinstance(src, (list, tuple)):
-                eos.update(int(x) for x in src)
-        self.eos_ids = eos
-        pad = self.tok.pad_token_id
-        self.pad_id = pad if pad is not None else (min(eos) if eos else 0)
-        self.dtype = str(tdtype).replace("torch.", "")
-        self.max_running = max_running
-        self.threads = threads
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-        self._pending: collections.deque = collections.deque()
-        self._reset()
-
-    # --- public, any thread
-    def submit(self, batch: list) -> None:
-        """Queue a group of Prepared requests (each with ``emit``) for admission."""
-        with self._start_lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve_forever, daemon=True,
-                                                name="llamapro-engine")
-                self._thread.start()
-        self._inbox.put(list(batch))
-
-    def alive(self) -> bool:
-        return self._thread is None or self._thread.is_alive()
-
-    def generate(self, batch: list) -> list[dict]:
-        """Blocking helper (benchmarks, scripts): run requests to completion, return final events
-        with the full text."""
-        q: queue.SimpleQueue = queue.SimpleQueue()
-        texts = [[] for _ in batch]
-        for i, p in enumerate(batch):
-            p.emit = (lambda i: lambda item: q.put((i, item)))(i)
-        self.submit(batch)
-        done, out = 0, [None] * len(batch)
-        while done < len(batch):
-            i, item = q.get()
-            if isinstance(item, BaseException):
-                raise item
-            texts[i].append(item["text"])
-            if item["finish_reason"]:
-                out[i] = {**item, "text": "".join(texts[i]), "prompt_tokens": len(batch[i].ids)}
-                done += 1
-        return out
-
-    # --- engine thread
-    def _reset(self):
-        self._rows: list[_Row] = []
-        self._cache = self._attn = self._pos = self._logits = None
-        self._mergeable = False
-
-    def _serve_forever(self):
-        torch = self.torch
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        with torch.inference_mode():
-            while True:
-                block = not self._rows and not self._pending
-                try:
-                    while True:
-                        group = self._inbox.get(block=block)
-                        block = False
-                        self._pending.extend(_Row(p, self) for p in group)
-                except queue.Empty:
-                    pass
-                admitted: list[_Row] = []
-                try:
-                    admitted = self._admit()
-                    if self._rows:
-                        self._step()
-                except BaseException as e:  # fail what was running, keep serving the rest
-                    log.exception("generation failed")
-                    for r in {id(r): r for r in self._rows + admitted}.values():
-                        r.emit(e)
-                    self._reset()
-
-    def _forward(self, **kw):
-        try:  # only the last position's logits: a prompt's full-vocabulary logits are wasted work
-            return self.model(use_cache=True, logits_to_keep=1, **kw)
-        except TypeError:  # remote code without logits_to_keep
-            return self.model(use_cache=True, **kw)
-
-    def _admit(self) -> list:
-        torch = self.torch
-        room = self.max_running - len(self._rows)
-        if room <= 0 or not self._pending or (self._rows and not self._mergeable):
-            return []
-        new = []
-        while self._pending and len(new) < room:
-            r = self._pending.popleft()
-            if not r.p.cancelled:  # the caller left while it waited
-                new.append(r)
-        if not new:
-            return []
-        L = max(len(r.p.ids) for r in new)
-        ids = torch.full((len(new), L), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(new), L), dtype=torch.long)
-        for i, r in enumerate(new):
-            ids[i, L - len(r.p.ids):] = torch.tensor(r.p.ids, dtype=torch.long)
-            attn[i, L - len(r.p.ids):] = 1
-        pos = (attn.cumsum(-1) - 1).clamp_(min=0)
-        ids, attn, pos = ids.to(self.device), attn.to(self.device), pos.to(self.device)
-        out = self._forward(input_ids=ids, attention_mask=attn, position_ids=pos)
-        cache, logits, next_pos = out.past_key_values, out.logits[:, -1, :], pos[:, -1] + 1
-        if not self._rows:
-            self._cache, self._attn, self._pos, self._logits = cache, attn, next_pos, logits
-            # Merging later groups means editing K/V tensors directly: only for plain dynamic
-            # layers (sliding-window or linear-attention caches get admitted when the batch drains).
-            self._mergeable = all(type(layer).__name__ == "DynamicLayer"
-                                  for layer in getattr(cache, "layers", [None]))
-        else:
-            self._merge(cache, attn, next_pos, logits)
-        self._rows.extend(new)
-        for r in self._rows:
-            r.p.batch_size = max(r.p.batch_size, len(self._rows))
-        return new
-
-    def _merge(self, cache, attn, next_pos, logits):
-        """Append rows to the running batch: left-pad the shorter of the two KV caches."""
-        torch, F = self.torch, self.torch.nn.functional
-        T, Tn = self._attn.shape[1], attn.shape[1]
-        for old, new in zip(self._cache.layers, cache.layers):
-            ko, vo, kn, vn = old.keys, old.values, new.keys, new.values
-            if T < Tn:
-                ko, vo = F.pad(ko, (0, 0, Tn - T, 0)), F.pad(vo, (0, 0, Tn - T, 0))
-            elif Tn < T:
-                kn, vn = F.pad(kn, (0, 0, T - Tn, 0)), F.pad(vn, (0, 0, T - Tn, 0))
-            old.keys, old.values = torch.cat([ko, kn]), torch.cat([vo, vn])
-        a = F.pad(self._attn, (max(0, Tn - T), 0))
-        b = F.pad(attn, (max(0, T - Tn), 0))
-        self._attn = torch.cat([a, b])
-        self._pos = torch.cat([self._pos, next_pos])
-        self._logits = torch.cat([self._logits, logits])
-
-    def _step(self):
-        """Sample one token for every running row, emit, drop finished rows, run one decode step."""
-        torch = self.torch
-        rows = self._rows
-        toks = self._sample(self._logits, rows)
-        for r, t in zip(rows, toks):
-            ev = r.push(t)
-            if r.p.stream:
-                r.emit(ev)
-            else:
-                r.acc.append(ev["text"])
-                if ev["finish_reason"]:
-                    r.emit({**ev, "text": "".join(r.acc)})
-        keep = [j for j, r in enumerate(rows) if r.finish is None and not r.p.cancelled]
-        if not keep:
-            self._reset()
-            return
-        if len(keep) < len(rows):
-            sel = torch.tensor(keep, dtype=torch.long, device=self.device)
-            self._cache.batch_select_indices(sel)
-            self._attn, self._pos = self._attn[sel], self._pos[sel]
-            self._rows = [rows[j] for j in keep]
-            if self._mergeable:  # drop columns that are padding for every remaining row
-                first = int(self._attn.any(0).nonzero()[0])
-                if first:
-                    self._attn = self._attn[:, first:]
-                    for layer in self._cache.layers:
-                        layer.keys = layer.keys[:, :, first:]
-                        layer.values = layer.values[:, :, first:]
-        feed = torch.tensor([toks[j] for j in keep], dtype=torch.long, device=self.device)
-        self._attn = torch.cat([self._attn, self._attn.new_ones((len(keep), 1))], dim=1)
-        out = self.model(input_ids=feed[:, None], attention_mask=self._attn,
-                         position_ids=self._pos[:, None], past_key_values=self._cache,
-                         use_cache=True)
-        self._cache, self._logits = out.past_key_values, out.logits[:, -1, :]
-        self._pos = self._pos + 1
-
-    def _sample(self, logits, rows: list) -> list[int]:
-        torch = self.torch
-        out = logits.argmax(-1)
-        sampled = [j for j, r in enumerate(rows) if r.p.temperature > 1e-5]
-        if sampled:
-            idx = torch.tensor(sampled, device=logits.device)
-            temps = torch.tensor([rows[j].p.temperature for j in sampled], device=logits.device)
-            probs = torch.softmax(logits[idx].float() / temps[:, None], dim=-1)
-            u = torch.tensor([rows[j].uniform() for j in sampled], device=logits.device)
-            top_p = torch.tensor([rows[j].p.top_p for j in sampled], device=logits.device)
-            if bool((top_p < 1.0).any()):
-                probs, order = probs.sort(dim=-1, descending=True)
-                cum = probs.cumsum(-1)
-                probs = probs.masked_fill(cum - probs >= top_p[:, None], 0.0)  # nucleus, keeps >= 1
-            else:
-                order = None
-            cdf = probs.cumsum(-1)
-            pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
-            pick = pick.clamp_(max=cdf.shape[-1] - 1)
-            tok = order.gather(-1, pick) if order is not None else pick
-            out[idx] = tok.squeeze(-1)
-        return out.tolist()
-
-
-class VLLMEngine(_Tokenizing):
-    """vLLM's AsyncLLMEngine, continuous batching on a GPU. Selected by ``engine: auto`` when the
-    replica sees a GPU and vllm imports. UNTESTED in llamapro's CI (no GPU there)."""
-
-    continuous = True
-
-    def __init__(self, path: str, *, dtype: str = "auto", trust_remote_code: bool = False,
-                 max_context: int = 0, extra: dict | None = None):
-        from vllm import AsyncEngineArgs, AsyncLLMEngine
-
-        self._init_tokenizer(path, trust_remote_code)
-        eargs = AsyncEngineArgs(model=path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                max_model_len=max_context or None, **(extra or {}))
-        self.llm = AsyncLLMEngine.from_engine_args(eargs)
-        self.vocab_size = len(self.tok)
-        self.context = max_context or int(getattr(self.tok, "model_max_length", 0) or 0)
-        if not 0 < self.context < 10**7:
-            from transformers import AutoConfig
-
-            c = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            self.context = int(getattr(c, "max_position_embeddings", 0) or 2048)
-        self.dtype = dtype
-
-    async def stream(self, p: Prepared):
-        from vllm import SamplingParams
-
-        params = SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
-                                stop=p.stop or None, seed=p.seed, ignore_eos=p.ignore_eos)
-        p.batch_size = 0  # continuous batching: no fixed batch
-        sent = ""
-        async for res in self.llm.generate({"prompt_token_ids": p.ids}, params,
-                                           request_id=uuid.uuid4().hex):
-            o = res.outputs[0]
-            delta, sent = o.text[len(sent):], o.text
-            yield {"text": delta, "finish_reason": o.finish_reason if res.finished else None,
-                   "completion_tokens": len(o.token_ids)}
-
-
-def select_engine(engine: str) -> str:
-    """auto -> vllm only if this process sees a GPU and vllm is importable."""
-    if engine != "auto":
-        return engine
-    try:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    except Exception:
-        cuda = False
-    return "vllm" if cuda and importlib.util.find_spec("vllm") is not None else "transformers"
-
-
-def load_engine(spec: dict):
-    from .demo import resolve_model
-
-    path = resolve_model(spec["path"])
-    kind = select_engine(spec["engine"])
-    if kind == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            raise RuntimeError(f"serve.models.{spec['name']}.engine=vllm but vllm is not installed "
-                               "on this replica; use engine: transformers or install vllm")
-        return VLLMEngine(path, dtype=spec["dtype"], trust_remote_code=spec["trust_remote_code"],
-                          max_context=spec["max_context"], extra=spec.get("vllm"))
-    return TransformersEngine(path, dtype=spec["dtype"], device=spec["device"],
-                              trust_remote_code=spec["trust_remote_code"],
-                              max_context=spec["max_context"], threads=spec["threads"])
 
 
 # --- deployments ----------------------------------------------------------------------------------
@@ -1145,7 +618,8 @@ def _set_threads(n: int):
 
 
 class ModelServerImpl:
-    """One model: validation and tokenization on the event loop, generation on the engine's thread.
+    """One model: tokenization on a tokenizer thread, generation on the engine's thread; the event
+    loop only moves events (so one huge prompt never stalls the other streams of the replica).
 
     ``@serve.batch`` groups requests arriving together into one admission (one prefill forward pass);
     the engine merges each group into its running batch at the next token. The deployment is
@@ -1156,6 +630,9 @@ class ModelServerImpl:
         self.name = spec["name"]
         _set_threads(spec["threads"])
         self.engine = load_engine(spec)
+        # One thread: a fast tokenizer is not safe to call from several threads at once.
+        self._tokenizer = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"llamapro-tokenize-{self.name}")
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:
@@ -1178,11 +655,20 @@ class ModelServerImpl:
         return {"name": self.name, "context_length": self.engine.context,
                 "engine": type(self.engine).__name__, "replica": self.replica}
 
-    def _prepare(self, req: dict):
+    def stats(self) -> dict:
+        """The engine's rows: running / pending now, finished / cancelled / failed so far."""
+        return {"replica": self.replica, **(self.engine.stats() if hasattr(self.engine, "stats")
+                                            else {})}
+
+    async def _prepare(self, req: dict):
+        loop = asyncio.get_running_loop()
         try:
-            return self.engine.prepare(req), None
+            return await loop.run_in_executor(self._tokenizer, self.engine.prepare, req), None
         except APIError as e:
             return None, {"error": e.to_dict()}
+        except Exception as e:  # a tokenizer or chat-template bug: the request fails, not the replica
+            log.exception("preparing a request failed")
+            return None, {"error": engine_error(e).to_dict()}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _admit(self, reqs: list) -> list:
@@ -1210,7 +696,7 @@ class ModelServerImpl:
                 return
 
     async def generate(self, req: dict) -> dict:
-        p, err = self._prepare(req)
+        p, err = await self._prepare(req)
         if err:
             return err
         p.stream = False
@@ -1219,6 +705,8 @@ class ModelServerImpl:
             async for ev in self._events(p):
                 parts.append(ev["text"])
                 last = ev
+        except APIError as e:  # the engine failed this row (and keeps serving)
+            return {"error": e.to_dict()}
         finally:
             p.cancelled = True  # no-op when finished; frees the row if the caller went away
         return {"text": "".join(parts), "finish_reason": last["finish_reason"],
@@ -1227,8 +715,8 @@ class ModelServerImpl:
 
     async def stream(self, req: dict):
         """Events: the first carries prompt_tokens/replica/batch_size; then text deltas; the last
-        has finish_reason. A validation failure is a single {"error": ...} event."""
-        p, err = self._prepare(req)
+        has finish_reason. A validation or engine failure is an {"error": ...} event (the last)."""
+        p, err = await self._prepare(req)
         if err:
             yield err
             return
@@ -1241,6 +729,8 @@ class ModelServerImpl:
                 if first or ev["text"] or ev["finish_reason"]:
                     yield ev
                 first = False
+        except APIError as e:
+            yield {"error": e.to_dict()}
         finally:
             p.cancelled = True
 
@@ -1251,8 +741,73 @@ api = FastAPI(title="llamapro", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 def _error_response(e: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+    if e.retry_after is not None:
+        headers["Retry-After"] = str(max(0, math.ceil(e.retry_after)))
+    return JSONResponse(e.body(), status_code=e.status, headers=headers or None)
+
+
+# The API key never enters the app config (which `serve status` and the dashboard show): a deployer
+# that can read it (e.g. a Ray job given it as an env var) hands the ingress only its SHA-256 through
+# the cluster's internal key-value store, and the ingress compares digests.
+_KV_NAMESPACE = "llamapro"
+
+
+def _kv_key(app_name: str) -> bytes:
+    return f"serve/{app_name}/api_key_sha256".encode()
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def publish_api_key(cfg: ServeConfig) -> bool:
+    """Give the ingress of ``cfg.app_name`` the SHA-256 of the key in ``$api_key_env`` of this
+    process (when set), for replicas on nodes that lack the variable. Needs ``ray.init`` first."""
+    key = os.environ.get(cfg.api_key_env, "").strip() if cfg.api_key_env else ""
+    if not key:
+        return False
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(_kv_key(cfg.app_name), _digest(key).hex().encode(), overwrite=True,
+                     namespace=_KV_NAMESPACE)
+    return True
+
+
+def _api_key_digest(spec: dict, app_name: str) -> bytes | None:
+    """The ingress's key digest: its own env var or key file first, else what the deployer published;
+    None when no key is configured. Raises when one is configured but nowhere to be found."""
+    try:
+        key = _read_api_key(spec)
+    except RuntimeError as e:
+        if not spec.get("api_key_env"):
+            raise
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        got = _internal_kv_get(_kv_key(app_name), namespace=_KV_NAMESPACE)
+        if not got:
+            raise RuntimeError(f"{e} (nor did the deployer publish it)") from None
+        return bytes.fromhex(got.decode())
+    return _digest(key) if key is not None else None
+
+
+SECRET_ENV_RE = re.compile(r"(KEY|TOKEN|SECRET|PASSW|CREDENTIAL)", re.I)
+
+
+def strip_secrets(runtime_env: dict | None, cfg: ServeConfig) -> dict | None:
+    """The runtime env without the API key variable or any variable whose name looks secret: the
+    runtime env is part of the app config that `serve status` and the dashboard display."""
+    if not runtime_env or not runtime_env.get("env_vars"):
+        return runtime_env
+    env = {k: v for k, v in runtime_env["env_vars"].items()
+           if k != cfg.api_key_env and not SECRET_ENV_RE.search(k)}
+    dropped = sorted(set(runtime_env["env_vars"]) - set(env))
+    if dropped:
+        log.info("not copying secret env var(s) %s into the Serve app config", ", ".join(dropped))
+    out = {k: v for k, v in runtime_env.items() if k != "env_vars"}
+    if env:
+        out["env_vars"] = env
+    return out or None
 
 
 def _read_api_key(spec: dict) -> str | None:
@@ -1275,19 +830,20 @@ def _read_api_key(spec: dict) -> str | None:
     return None
 
 
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-
 class OpenAIIngressImpl:
     """HTTP, auth, validation and canary routing; owns no model. Deployed as ``OpenAIIngress``."""
 
     def __init__(self, spec: dict, models: dict):
         self.alias = spec["alias"]
         self.models = models  # {name: DeploymentHandle}
-        self._key = _read_api_key(spec)  # never logged, never returned
+        try:
+            app_name = serve.get_replica_context().app_name
+        except Exception:
+            app_name = ""
+        self._key_digest = _api_key_digest(spec, app_name)  # the key itself is not kept
         self.weights = {name: (1.0 if i == 0 else 0.0) for i, name in enumerate(models)}
         self.limits = dataclasses.asdict(LimitsConfig())
+        self.retry_after = {name: 2.0 for name in models}
         self._seed: Any = object()
         self.rng = random.Random()
         self.created = int(time.time())
@@ -1303,7 +859,8 @@ class OpenAIIngressImpl:
             raise ValueError("canary weights must have a positive sum")
         with self._lock:
             self.weights = weights
-            self.limits = dict(user_config.get("limits") or self.limits)
+            self.limits = {**self.limits, **(user_config.get("limits") or {})}
+            self.retry_after.update(user_config.get("retry_after_s") or {})
             seed = user_config.get("seed")
             if seed != self._seed:  # a new seed restarts the sequence; new weights alone do not
                 self._seed = seed
@@ -1312,12 +869,12 @@ class OpenAIIngressImpl:
 
     # helpers
     def _auth(self, request: Request):
-        if self._key is None:
+        if self._key_digest is None:
             return
         got = request.headers.get("authorization", "")
         scheme, _, token = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                 self._key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(_digest(token.strip()),
+                                                                 self._key_digest):
             raise APIError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
 
@@ -1335,27 +892,56 @@ class OpenAIIngressImpl:
                        code="model_not_found")
 
     async def _body(self, request: Request) -> dict:
+        """The JSON body, read in chunks up to ``limits.max_body_bytes`` (413 beyond, even when the
+        client sends no Content-Length)."""
         self._auth(request)
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
-        return body
+        limit = int(self.limits["max_body_bytes"])
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large(limit)
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise too_large(limit)
+        return parse_json_body(bytes(raw))
 
-    async def _call(self, name: str, req: dict) -> dict:
+    def _overloaded(self, name: str, e) -> APIError:
+        retry = getattr(e, "retry_after_s", None)
+        return APIError(503, f"Model '{name}' is at capacity (its queue is full); retry after the "
+                        "Retry-After delay.", type="server_error", code="overloaded",
+                        retry_after=retry if retry is not None else self.retry_after.get(name, 2.0))
+
+    def _timed_out(self) -> APIError:
+        return APIError(504, f"The model did not answer within {self.limits['request_timeout_s']:g}s "
+                        "(serve.limits.request_timeout_s); the request was cancelled.",
+                        type="server_error", code="timeout")
+
+    async def _call(self, name: str, reqs: list[dict]) -> list[dict]:
+        """Generate every request on model ``name`` concurrently. The first failure (an invalid
+        prompt, a full queue, a timeout) cancels the others at once: their rows leave the batch
+        instead of generating text nobody will receive."""
         from ray.serve.exceptions import BackPressureError
 
+        responses = [self.models[name].generate.remote(r) for r in reqs]
+
+        async def one(resp):
+            res = await resp
+            if "error" in res:
+                raise APIError.from_dict(res["error"])
+            return res
+
         try:
-            res = await self.models[name].generate.remote(req)
-        except BackPressureError:
-            raise APIError(503, f"model '{name}' is overloaded; retry later", type="server_error",
-                           code="overloaded") from None
-        if "error" in res:
-            raise APIError.from_dict(res["error"])
-        return res
+            async with asyncio.timeout(float(self.limits["request_timeout_s"])):
+                return list(await asyncio.gather(*[one(r) for r in responses]))
+        except BaseException as e:
+            for r in responses:
+                r.cancel()
+            if isinstance(e, BackPressureError):
+                raise self._overloaded(name, e) from None
+            if isinstance(e, TimeoutError):
+                raise self._timed_out() from None
+            raise
 
     async def _guard(self, coro):
         from ray.exceptions import RayActorError
@@ -1404,7 +990,7 @@ class OpenAIIngressImpl:
             name = self._route(body.get("model"))
             if body.get("stream"):
                 return await self._stream(name, req, body, chat=True)
-            res = await self._call(name, req)
+            (res,) = await self._call(name, [req])
             return JSONResponse({
                 "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": name,
@@ -1427,8 +1013,8 @@ class OpenAIIngressImpl:
                     raise _bad("prompt", "streaming takes a single prompt")
                 return await self._stream(name, {"kind": "completion", "prompt": prompts[0],
                                                  **sampling}, body, chat=False)
-            results = await asyncio.gather(*[
-                self._call(name, {"kind": "completion", "prompt": p, **sampling}) for p in prompts])
+            results = await self._call(
+                name, [{"kind": "completion", "prompt": p, **sampling} for p in prompts])
             return JSONResponse({
                 "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": name,
@@ -1444,13 +1030,26 @@ class OpenAIIngressImpl:
         from ray.serve.exceptions import BackPressureError
 
         gen = self.models[name].options(stream=True).stream.remote(req)
+        timeout = float(self.limits["request_timeout_s"])
+
+        async def nxt():  # the next event, None at the end; waits at most request_timeout_s
+            try:
+                async with asyncio.timeout(timeout):
+                    return await gen.__anext__()
+            except StopAsyncIteration:
+                return None
+
         try:
-            first = await gen.__anext__()
-        except StopAsyncIteration:
-            raise APIError(500, "the model produced no output", type="server_error") from None
-        except BackPressureError:
-            raise APIError(503, f"model '{name}' is overloaded; retry later", type="server_error",
-                           code="overloaded") from None
+            first = await nxt()
+        except BaseException as e:
+            gen.cancel()
+            if isinstance(e, BackPressureError):
+                raise self._overloaded(name, e) from None
+            if isinstance(e, TimeoutError):
+                raise self._timed_out() from None
+            raise
+        if first is None:
+            raise APIError(500, "the model produced no output", type="server_error")
         if "error" in first:
             raise APIError.from_dict(first["error"])
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -1468,7 +1067,7 @@ class OpenAIIngressImpl:
                          "choices": [choice]})
 
         async def events():
-            ev, last = first, first
+            ev, last, failed = first, first, False
             try:
                 if chat:
                     yield _sse({"id": rid, "object": obj, "created": created, "model": name,
@@ -1476,17 +1075,21 @@ class OpenAIIngressImpl:
                                                                    "content": ""},
                                              "finish_reason": None, "logprobs": None}]})
                 while ev is not None:
+                    if "error" in ev:  # the engine failed this row mid-stream
+                        yield _sse({"error": {k: v for k, v in ev["error"].items()
+                                              if k in ("message", "type", "param", "code")}})
+                        ev, failed = None, True
+                        break
                     last = ev
                     if ev["text"] or ev["finish_reason"]:
                         yield chunk(ev["text"], ev["finish_reason"])
-                    try:
-                        ev = await gen.__anext__()
-                    except StopAsyncIteration:
-                        ev = None
-                if include_usage:
+                    ev = await nxt()
+                if include_usage and not failed:
                     yield _sse({"id": rid, "object": obj, "created": created, "model": name,
                                 "choices": [], "usage": _usage(first["prompt_tokens"],
                                                                last["completion_tokens"])})
+            except TimeoutError:
+                yield _sse(self._timed_out().body())
             except Exception:
                 log.exception("stream from model %s failed", name)
                 yield _sse(APIError(500, "the stream failed", type="server_error").body())
@@ -1499,11 +1102,6 @@ class OpenAIIngressImpl:
                                  headers={**self._headers(name, first), "Cache-Control": "no-cache"})
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
-
-
 OpenAIIngress = serve.deployment(serve.ingress(api)(OpenAIIngressImpl), name=INGRESS_NAME)
 
 
@@ -1513,11 +1111,20 @@ def deploy(cfg: ServeConfig, runtime_env: dict | None = None, wait_s: float = 60
     """Deploy (or redeploy) the app declaratively, exactly as ``serve deploy`` / KubeRay would, and
     wait until it runs. Redeploying a config that differs only in live keys updates replicas in
     place. Needs ``ray.init`` first; starts Serve's proxy on ``cfg.host:cfg.port`` if not running.
-    Returns the deploy config it applied."""
+    Returns the deploy config it applied.
+
+    The API key (``$api_key_env`` here) never enters that config: secret-looking env vars are
+    dropped from ``runtime_env`` and the ingress gets only the key's SHA-256 (``publish_api_key``)."""
     from ray.serve._private import api as serve_private
     from ray.serve.schema import ServeDeploySchema
 
     conf = serve_deploy_config(cfg, runtime_env)
+    key = os.environ.get(cfg.api_key_env, "").strip() if cfg.api_key_env else ""
+    if key and key in json.dumps(conf):  # e.g. pasted into a model path or a non-secret-named var
+        raise ConfigError("the API key appears in the Serve app config (which `serve status` and "
+                          "the dashboard show); pass it only as the variable named by "
+                          "serve.api_key_env")
+    publish_api_key(cfg)
     with _quiet_ray_deprecations():
         schema = ServeDeploySchema.model_validate(conf)
     # The same two calls `serve run CONFIG.yaml` makes (Ray 2.60 has no public Python call for a
@@ -1573,13 +1180,14 @@ def cluster_cpus_needed(cfg: ServeConfig) -> float:
 JOB_RUNTIME_ENV_KEYS = ("working_dir", "py_modules", "pip", "uv", "conda", "env_vars")
 
 
-def job_runtime_env() -> dict | None:
-    """The runtime env of the Ray job this process runs in, reduced to what replicas need."""
+def job_runtime_env(cfg: ServeConfig | None = None) -> dict | None:
+    """The runtime env of the Ray job this process runs in, reduced to what replicas need and
+    without secrets (``strip_secrets``: the API key reaches the ingress as a digest instead)."""
     import ray
 
     env = dict(ray.get_runtime_context().runtime_env or {})
     env = {k: env[k] for k in JOB_RUNTIME_ENV_KEYS if env.get(k)}
-    return env or None
+    return strip_secrets(env, cfg) if cfg is not None else (env or None)
 
 
 def smoke_chat(cfg: ServeConfig) -> dict:

@@ -1,6 +1,7 @@
 """`llamapro serve`: run the OpenAI-compatible Serve app of a config, or print its deploy config.
 
-    llamapro serve --config jobs/configs/serve_demo.yaml                    # blocks; Ctrl-C stops
+    llamapro serve --config jobs/configs/serve_demo.yaml                    # blocks; Ctrl-C or
+                                         # SIGTERM (systemd, Kubernetes) stops it cleanly, exit 0
     llamapro serve --config CFG serve.canary.weights.expanded=0.5           # dotted overrides
     kill -HUP <pid>                      # re-read CFG and redeploy: weight/limit/autoscaling changes
                                          # apply in place, traffic keeps flowing
@@ -117,6 +118,7 @@ def run_serve(a) -> int:
     reload_requested = threading.Event()
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+    _stop_on(signal.SIGTERM, signal.SIGINT)
     try:
         deploy(cfg)
         print(describe(cfg), flush=True)
@@ -133,15 +135,34 @@ def run_serve(a) -> int:
                 except Exception as e:  # keep serving the last good config
                     print(f"reload failed, still serving the previous config: {e}",
                           file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        print("shutting down", file=sys.stderr)
+    except _Stop as e:
+        print(f"{e}: shutting down", file=sys.stderr, flush=True)
     finally:
+        # A second signal while shutting down must not abort the shutdown half way.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         try:
             serve.delete(cfg.app_name) if a.address is not None else serve.shutdown()
         finally:
             if a.address is None:
                 ray.shutdown()
+    print("stopped", file=sys.stderr, flush=True)
     return EXIT_OK
+
+
+class _Stop(KeyboardInterrupt):
+    """SIGTERM or SIGINT: leave the serving loop and shut down as on Ctrl-C."""
+
+
+def _stop_on(*signals) -> None:
+    """Turn each signal into ``_Stop`` in the main thread. Ray's driver leaves SIGTERM to the
+    default action (the process dies mid-call: a native stack dump, exit 134), and a shell that
+    starts a background job ignores SIGINT for it: both are replaced after ``ray.init``."""
+    def handler(signum, _frame):
+        raise _Stop(signal.Signals(signum).name)
+
+    for sig in signals:
+        signal.signal(sig, handler)
 
 
 def cmd_serve(a) -> int:

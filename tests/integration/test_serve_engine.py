@@ -85,11 +85,100 @@ def test_seed_stop_and_cancel_inside_a_batch(engine):
     cut = engine.generate([req(engine, "Numbers:", kind="completion", max_tokens=24,
                                stop=[stop])])[0]
     assert cut["finish_reason"] == "stop" and cut["text"] == full[:full.find(stop)]
-    # a cancelled row leaves the batch; its neighbour finishes normally
+    # a cancelled row leaves the batch at the next step; its neighbour finishes normally
+    before = engine.stats()
+    gone_events, running_seen = [], []
     gone = req(engine, "bye", max_tokens=40)
-    gone.emit = lambda ev: setattr(gone, "cancelled", True)
+    gone.emit = lambda ev: (gone_events.append(ev), setattr(gone, "cancelled", True))
     stay = req(engine, "stay", max_tokens=8)
     done = threading.Event()
-    stay.emit = lambda ev: ev["finish_reason"] and done.set()
+
+    def on_stay(ev):  # runs on the engine thread: the batch as the next decode step sees it
+        running_seen.append(len(engine._rows))
+        if ev["finish_reason"]:
+            done.set()
+
+    stay.emit = on_stay
     engine.submit([gone, stay])
     assert done.wait(60)
+    assert len(gone_events) == 1  # no token generated for it after the cancel
+    assert running_seen[0] == 2 and set(running_seen[1:]) == {1}, running_seen
+    after = engine.stats()
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["finished"] == before["finished"] + 1 and after["running"] == 0
+
+
+def _collect(p):
+    box, done = [], threading.Event()
+
+    def emit(ev):
+        box.append(ev)
+        if isinstance(ev, BaseException) or ev["finish_reason"]:
+            done.set()
+
+    p.emit = emit
+    return box, done
+
+
+def test_a_failing_admission_fails_its_rows_and_the_engine_keeps_serving(engine):
+    """A prefill that raises (here a token id beyond the embedding, as a tokenizer larger than its
+    model produces; an out-of-memory prefill takes the same path) fails the rows it took with a 500
+    instead of stranding them, leaves the running batch untouched, and the next request works."""
+    from llamapro.serve import APIError
+
+    expected = engine.generate([req(engine, PROMPTS[0], max_tokens=30)])[0]["text"]
+
+    def bad_row():
+        bad = req(engine, "Hi", max_tokens=5)
+        bad.ids = bad.ids[:-1] + [engine.vocab_size + 7]  # past validation: a mismatched tokenizer
+        return bad
+
+    before = engine.stats()
+    # 1) it arrives while another row is generating: that row is untouched
+    running = req(engine, PROMPTS[0], max_tokens=30)
+    run_events, run_done = _collect(running)
+    started = threading.Event()
+    emit = running.emit
+    running.emit = lambda ev: (emit(ev), started.set())
+    engine.submit([running])
+    assert started.wait(60)
+    bad = bad_row()
+    bad_events, bad_done = _collect(bad)
+    engine.submit([bad])
+    assert bad_done.wait(60) and run_done.wait(60)
+    (err,) = bad_events
+    assert isinstance(err, APIError) and err.status == 500 and err.code == "engine_error"
+    assert "IndexError" in err.message and "keeps serving" in err.message
+    assert "".join(e["text"] for e in run_events) == expected
+    # 2) it shares one prefill with a good row: the group is retried row by row, only it fails
+    good, bad = req(engine, PROMPTS[0], max_tokens=30), bad_row()
+    (good_events, good_done), (bad_events, bad_done) = _collect(good), _collect(bad)
+    engine.submit([good, bad])
+    assert good_done.wait(60) and bad_done.wait(60)
+    assert isinstance(bad_events[-1], APIError) and len(bad_events) == 1
+    assert "".join(e["text"] for e in good_events) == expected
+    after = engine.stats()
+    assert after["failed"] == before["failed"] + 2 and after["running"] == after["pending"] == 0
+    assert engine.alive()
+    assert engine.generate([req(engine, PROMPTS[0], max_tokens=30)])[0]["text"] == expected
+
+
+def test_a_text_prompt_beyond_the_embedding_is_a_clear_server_error(engine, monkeypatch):
+    from llamapro.serve import APIError
+
+    monkeypatch.setattr(engine, "vocab_size", 100)  # a model whose tokenizer outgrew its weights
+    with pytest.raises(APIError) as e:
+        req(engine, "A sentence with many different tokens in it")
+    assert e.value.status == 500 and e.value.code == "tokenizer_model_mismatch"
+
+
+def test_top_p_zero_is_greedy(engine):
+    from llamapro.serve_protocol import parse_sampling
+
+    limits = {"max_tokens": 64, "default_max_tokens": 16}
+    s = parse_sampling({"top_p": 0, "temperature": 1.5}, limits)
+    assert (s["temperature"], s["top_p"]) == (0.0, 1.0)
+    greedy = engine.generate([req(engine, "Once", kind="completion", max_tokens=12)])[0]["text"]
+    # the sampler itself keeps the top token whatever top_p says (never the least likely one)
+    row = req(engine, "Once", kind="completion", max_tokens=12, temperature=1.0, top_p=1e-9, seed=5)
+    assert engine.generate([row])[0]["text"] == greedy
