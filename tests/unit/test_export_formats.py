@@ -181,3 +181,65 @@ def test_cli_gguf(grown, tmp_path, capsys):
     assert _cli(["export", str(grown), str(out), "--format", "gguf", "--quant", "q8_0", "-q"]) == 0
     assert "model-Q8_0.gguf" in capsys.readouterr().out
     assert (out / "model-Q8_0.gguf").is_file()
+
+
+def test_torchao_int8_export_loads_and_generates(grown, tmp_path):
+    out = tmp_path / "int8"
+    res = _cli_json(["export", str(grown), str(out), "--format", "torchao-int8", "-q", "--json"])
+    assert res["quantization"]["quantized_linears"] == 6 * 7  # every block linear; the tied head is not
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "torchao"
+    meta = json.loads((out / "llamapro.json").read_text())
+    assert meta["quantization"]["scheme"] == "int8_weight_only" and meta["new_layer_indices"]
+    assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
+    # plain transformers reads the quantization config back and generates
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert "Int8" in type(m.model.layers[0].self_attn.q_proj.weight).__name__
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok(PROBE, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        g = m.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        got = m(input_ids=ids).logits
+    assert g.shape[1] == ids.shape[1] + 5
+    _, ref, _, _ = _logits(grown)
+    assert ((got - ref).norm() / ref.norm()).item() < 0.05
+
+
+def test_quantized_formats_that_need_a_gpu_refuse_on_cpu(grown, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal applies to CPU-only machines")
+    for fmt in ("torchao-int4", "gptq", "awq"):
+        out = tmp_path / fmt
+        assert _cli(["export", str(grown), str(out), "--format", fmt, "-q"]) == 2
+        assert "GPU" in capsys.readouterr().err and not out.exists()
+    assert _cli(["export", str(grown), str(tmp_path / "x"), "--format", "torchao-int8", "--quant", "q8_0"]) == 2
+    assert "--quant applies to --format gguf only" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_gptq_awq_export_on_gpu(grown, tmp_path, method):
+    from llamapro.quant_export import export_gptq
+
+    out = tmp_path / method
+    res = export_gptq(grown, out, method=method, texts=[TEXT[i:i + 200] for i in range(0, 1200, 200)])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert res["quantization"]["scheme"] == "W4A16"
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(out, device_map="cuda").eval()
+    ids = torch.tensor([[1, 5, 6, 7]], device="cuda")
+    assert m.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape[1] == 7
+
+
+def _cli_json(argv) -> dict:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert _cli(argv) == 0
+    return json.loads(buf.getvalue())
