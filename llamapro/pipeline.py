@@ -132,6 +132,10 @@ def _train(cfg, tc, out: Path, storage_path: str | None, sub: str) -> dict:
         if not (model_dir / "llamapro.json").is_file():
             log.info("no expanded checkpoint at %s yet: expanding first", model_dir)
             expand_step(cfg)
+        from .checkpoint import read_metadata
+        from .steps import require_proven
+
+        require_proven(read_metadata(model_dir), tc.allow_unproven, where=str(model_dir))
     else:
         model_dir = Path(base_model_dir(cfg))
     if not cfg.data.sources:
@@ -226,6 +230,21 @@ def serve_smoke(cfg, export_dir: Path, base_dir: str) -> dict:
         serve.shutdown()
 
 
+def pack_beside_export(run: Path, out: Path, name: str) -> dict:
+    """The run's new blocks as a pack (`llamapro apply BASE pack`); a run whose originals changed
+    (trained norms, ...) has no pack: the export is then the only artifact, and the summary says
+    why."""
+    from .pack import PackError, make_pack
+
+    try:
+        res = make_pack(str(run), str(out), force=True, name=name)
+    except PackError as e:
+        log.warning("no pack beside the export: %s", e)
+        return {"out": None, "why_not": str(e)}
+    _say(f"      pack -> {out} ({res['blocks']['bytes'] / 1e6:.1f} MB)")
+    return {"out": str(out), "bytes": res["blocks"]["bytes"], "positions": res["positions"]}
+
+
 def run_pipeline(cfg, quick: bool = False) -> dict:
     """expand -> verify -> train -> evaluate (gate) -> report -> export -> serve smoke."""
     if cfg.serve:  # fail before any work on a bad serve section
@@ -233,7 +252,7 @@ def run_pipeline(cfg, quick: bool = False) -> dict:
 
         serve_config_from_dict(dict(cfg.serve))
     # expand and train upload their own outputs; the rest goes up when the run succeeds
-    outputs = ["eval", "report", "export", "summary.json"]
+    outputs = ["eval", "report", "export", "pack", "summary.json"]
     outputs += [f"baseline-{m}/{d}" for m in cfg.run.baselines for d in ("eval", "report")]
     outputs += ["fused", "fusion"] if cfg.fuse.enabled and not cfg.fuse.out else []
     with storage.synced(cfg.run.run_dir(), push=outputs) as rd:
@@ -279,6 +298,7 @@ def _run_pipeline(cfg, rd: Path, quick: bool) -> dict:
     exp = export(str(runs["llamapro"]), str(rd / "export"), force=True,
                  max_shard_size=cfg.export.max_shard_size)
     summary["export"] = str(rd / "export")
+    summary["pack"] = pack_beside_export(runs["llamapro"], rd / "pack", cfg.run.name)
     if cfg.fuse.enabled:  # optional: the alpha curve into the report, a fused model beside the export
         from .fuse import run_fuse
 

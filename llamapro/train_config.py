@@ -79,7 +79,12 @@ class TrainConfig:
     """Linux/glibc: serve large allocations from mmap so freed activations go back to the OS
     instead of staying in the process's heap (peak RSS), at a small page-fault cost."""
     dtype: str = "auto"
-    """auto: bf16 on GPU, fp32 on CPU. Or float32 / bfloat16."""
+    """Compute dtype. auto: bf16 where the device computes it natively (a CUDA GPU with bf16; a CPU
+    whose oneDNN has bf16 kernels and where a short timed matmul probe at start shows bf16 at least
+    1.5x faster than fp32, e.g. AVX512-BF16 or AMX), fp32 otherwise; the choice and the probe's
+    result go to the run's log and metadata. With bf16 the frozen weights are held in bf16 (no
+    master copy) and the trainable ones in fp32 (fp32 gradients and optimizer state), under
+    autocast. float32 / bfloat16 force it (bf16 on a CPU without it is ~100x slower)."""
 
     num_stages: int = 1
     """Groups of new blocks unfrozen bottom to top (seed 001); 1 = plain LLaMA-Pro."""
@@ -131,6 +136,9 @@ class TrainConfig:
     data.preserve_order; otherwise the same number is dropped from a stream whose order (or
     assignment to workers) may differ. False: start the stream again (a faster resume on a huge
     corpus)."""
+    allow_unproven: bool = False
+    """Train an expansion whose identity proof failed, was skipped (too large, --no-verify) or
+    never finished. Off: such a model is refused until `llamapro verify` proves it."""
 
     def __post_init__(self):
         def bad(key, msg):
