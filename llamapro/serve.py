@@ -810,6 +810,15 @@ def strip_secrets(runtime_env: dict | None, cfg: ServeConfig) -> dict | None:
     return out or None
 
 
+def _cancel(response) -> None:
+    """Cancel a model call, best effort: Serve's ``cancel`` re-raises how the call itself ended
+    (a full queue, a finished request), which is no error here."""
+    try:
+        response.cancel()
+    except Exception:
+        pass
+
+
 def _read_api_key(spec: dict) -> str | None:
     if spec.get("api_key_env"):
         key = os.environ.get(spec["api_key_env"], "").strip()
@@ -936,7 +945,7 @@ class OpenAIIngressImpl:
                 return list(await asyncio.gather(*[one(r) for r in responses]))
         except BaseException as e:
             for r in responses:
-                r.cancel()
+                _cancel(r)
             if isinstance(e, BackPressureError):
                 raise self._overloaded(name, e) from None
             if isinstance(e, TimeoutError):
@@ -1042,7 +1051,7 @@ class OpenAIIngressImpl:
         try:
             first = await nxt()
         except BaseException as e:
-            gen.cancel()
+            _cancel(gen)
             if isinstance(e, BackPressureError):
                 raise self._overloaded(name, e) from None
             if isinstance(e, TimeoutError):
@@ -1095,7 +1104,7 @@ class OpenAIIngressImpl:
                 yield _sse(APIError(500, "the stream failed", type="server_error").body())
             finally:
                 if ev is not None:  # the client went away (or we failed): stop generating
-                    gen.cancel()
+                    _cancel(gen)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",

@@ -1,14 +1,22 @@
 """The Serve app end to end: real Ray Serve, real HTTP, the real `openai` client, two tiny models.
 
 One local cluster and one app for the module (a tiny random Llama with SmolLM2's tokenizer as
-``base``, the same expanded by one LLaMA-Pro block as ``expanded``). The canary switch and the
-autoscaling change are redeploys of the config, exactly as `llamapro serve` (SIGHUP), `serve deploy`
-and KubeRay apply them; traffic runs through both and no request may fail.
+``base``, the same expanded by one LLaMA-Pro block as ``expanded``, and ``narrow``: base again with
+queues small enough to overload). The canary switch and the autoscaling change are redeploys of the
+config, exactly as `llamapro serve` (SIGHUP), `serve deploy` and KubeRay apply them; traffic runs
+through both and no request may fail. The API key reaches the app as a Ray job passes it: an env var
+of the deployer and of the runtime env it deploys with (never copied into the app config).
+
+The fault catalogue of serving lives here and in test_serve_engine.py / test_serve_cli.py:
+admission failure (engine), overload at 2x capacity, oversized and deeply nested bodies, wrong JSON
+types, client disconnect mid-stream, a failing prompt among several, the key never in `serve status`,
+the deployed config or the logs, SIGTERM (CLI).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -29,40 +37,72 @@ pytestmark = pytest.mark.integration
 
 APP = "lp-serve-test"
 WEIGHTS = {"base": 0.75, "expanded": 0.25}
+KEY_ENV = "LLAMAPRO_SERVE_TEST_KEY"
+# What a Ray job started with `--runtime-env-json '{"env_vars": {...}}'` hands `jobs/serve.py`: the
+# key among ordinary variables. Every deploy of the module passes the same runtime env.
+RUNTIME_ENV = {"env_vars": {KEY_ENV: API_KEY, "LLAMAPRO_SERVE_TEST_FLAG": "visible"}}
+NARROW = {"max_batch_size": 2, "max_ongoing_requests": 2, "max_queued_requests": 2,
+          "retry_after_s": 3}
+MAX_BODY = 65536
 
 
-def make_config(port, base, expanded, keyfile, weights=WEIGHTS, base_autoscaling=None):
+def make_config(port, base, expanded, keyfile=None, weights=WEIGHTS, base_autoscaling=None):
     from llamapro.serve import serve_config_from_dict
 
     model = {"num_cpus": 0.5, "max_batch_size": 4, "batch_wait_timeout_s": 0.02,
              "torch_threads": 1}
     return serve_config_from_dict({
-        "app_name": APP, "port": port, "api_key_file": str(keyfile),
+        "app_name": APP, "port": port, "api_key_env": KEY_ENV,
         "models": {"base": {"path": str(base), **model,
                             **({"autoscaling": base_autoscaling} if base_autoscaling else {})},
-                   "expanded": {"path": str(expanded), **model}},
+                   "expanded": {"path": str(expanded), **model},
+                   "narrow": {"path": str(base), **model, **NARROW}},
         "canary": {"weights": weights, "seed": 1234},
-        "limits": {"max_tokens": 64, "default_max_tokens": 16},
+        "limits": {"max_tokens": 200, "default_max_tokens": 16, "max_body_bytes": MAX_BODY},
     })
+
+
+def redeploy(cfg, wait_s=120):
+    from llamapro.serve import deploy
+
+    return deploy(cfg, runtime_env=RUNTIME_ENV, wait_s=wait_s)
+
+
+def model_stats(name="base") -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(f"model-{name}", APP).stats.remote().result()
+
+
+def wait_stats(name, pred, timeout=20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = model_stats(name)
+        if pred(st) or time.monotonic() > deadline:
+            return st
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from llamapro import steps
-    from llamapro.serve import deploy
 
     d = tmp_path_factory.mktemp("serve")
     base = make_tiny_chat_model(d / "base", seed=0)
     expanded = d / "expanded"
     steps.expand(str(base), str(expanded), blocks=1, strategy="even", verify=False, progress=False)
-    keyfile = d / "api_key"
-    keyfile.write_text(API_KEY + "\n")
     port = free_port()
-    cfg = make_config(port, base, expanded, keyfile)
+    cfg = make_config(port, base, expanded)
     with local_ray(num_cpus=4):
-        deploy(cfg, wait_s=300)
-        yield {"port": port, "cfg": cfg, "base": base, "expanded": expanded, "keyfile": keyfile,
-               "url": f"http://127.0.0.1:{port}"}
+        # Set after the cluster started: its processes do not inherit the key, so the ingress can
+        # only have it the way deploy() hands it over (a digest), as on a remote cluster.
+        os.environ[KEY_ENV] = API_KEY
+        try:
+            redeploy(cfg, wait_s=300)
+            yield {"port": port, "cfg": cfg, "base": base, "expanded": expanded, "keyfile": None,
+                   "url": f"http://127.0.0.1:{port}"}
+        finally:
+            os.environ.pop(KEY_ENV, None)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +127,7 @@ def chat(client, model="base", content="Say something.", **kw):
 
 def test_models_and_health(server, client):
     ids = {m.id for m in client.models.list().data}
-    assert ids == {"base", "expanded", "llamapro"}
+    assert ids == {"base", "expanded", "narrow", "llamapro"}
     r = requests.get(server["url"] + "/health", timeout=10)  # open: probes carry no key
     assert r.status_code == 200 and r.json()["status"] == "ok"
 
@@ -200,7 +240,7 @@ def test_bad_input_gives_openai_errors_and_the_server_keeps_serving(server, clie
         chat(client, content="word " * 400)
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as e:
-        chat(client, max_tokens=65)  # cap is 64
+        chat(client, max_tokens=201)  # cap is 200
     assert e.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, temperature=3.0)
@@ -208,6 +248,155 @@ def test_bad_input_gives_openai_errors_and_the_server_keeps_serving(server, clie
     with pytest.raises(openai.BadRequestError):
         chat(client, n=2)  # unsupported parameters are refused, not ignored
     assert chat(client).choices[0].message.content is not None
+
+
+# --- fault catalogue -------------------------------------------------------------------------------
+
+WRONG_TYPES = [  # (path, body, the param the 400 names)
+    ("/v1/chat/completions", {"messages": "hi"}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": 7, "content": "x"}]}, "messages[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image"}]}]},
+     "messages[0].content"),
+    ("/v1/completions", {"prompt": 5}, "prompt"),
+    ("/v1/completions", {"prompt": [[]]}, "prompt"),
+    ("/v1/completions", {"prompt": [True, 3]}, "prompt"),
+    ("/v1/completions", {"prompt": [-1, 3]}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "model": 5}, "model"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10 ** 30}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": True}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": -0.1}, "top_p"),
+    ("/v1/completions", {"prompt": "x", "top_p": [1]}, "top_p"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
+    ("/v1/completions", {"prompt": "x", "seed": "1"}, "seed"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "x", "stream_options": []}, "stream_options"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": "y"}}, "stream_options"),
+    ("/v1/completions", {"prompt": "x", "ignore_eos": 1}, "ignore_eos"),
+    ("/v1/completions", {"prompt": "x", "n": "2"}, "n"),
+    ("/v1/completions", {"prompt": "x", "response_format": "json"}, "response_format"),
+]
+
+
+def test_wrong_json_types_and_deep_nesting_are_400s_never_500s(server, client):
+    for path, body, param in WRONG_TYPES:
+        r = raw_post(server, path, json.dumps(body))
+        assert r.status_code == 400, (body, r.status_code, r.text)
+        assert r.json()["error"]["param"] == param, (body, r.json())
+    for body in (b"[1, 2]", b'"text"', b"null", b"\xff\xfe", b'{"prompt": NaN}'):
+        r = raw_post(server, "/v1/completions", body)
+        assert r.status_code == 400, (body, r.status_code, r.text)
+    deep = b'{"prompt": ' + b"[" * 5_000 + b"]" * 5_000 + b"}"  # json.loads would recurse out
+    r = raw_post(server, "/v1/completions", deep)
+    assert r.status_code == 400 and "nests JSON deeper" in r.json()["error"]["message"]
+    # top_p 0 is accepted (as OpenAI does) and means greedy: the temperature-0 text
+    kw = dict(max_tokens=12, extra_body={"ignore_eos": True})
+    assert (chat(client, top_p=0, temperature=1.0, **kw).choices[0].message.content
+            == chat(client, temperature=0, **kw).choices[0].message.content)
+
+
+def test_oversized_body_is_413_with_or_without_content_length(server, client):
+    big = json.dumps({"prompt": "x" * (MAX_BODY + 10), "max_tokens": 1}).encode()
+    r = raw_post(server, "/v1/completions", big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # chunked transfer: no Content-Length to refuse up front
+        for i in range(0, len(big), 8192):
+            yield big[i:i + 8192]
+
+    r = requests.post(server["url"] + "/v1/completions", data=chunks(), timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}",
+                               "Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert chat(client).choices[0].message.content is not None  # and it keeps serving
+
+
+def test_client_disconnect_mid_stream_takes_the_row_out_of_the_batch(server):
+    before = model_stats("base")
+    r = requests.post(server["url"] + "/v1/completions", stream=True, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": "base", "prompt": "Tell", "max_tokens": 200, "stream": True,
+                            "ignore_eos": True})
+    events = (ln for ln in r.iter_lines() if ln)
+    for _ in range(3):  # a few tokens have arrived: the row is generating
+        assert next(events).startswith(b"data: {")
+    assert model_stats("base")["running"] == 1
+    r.close()  # the client goes away mid-stream
+    st = wait_stats("base", lambda s: s["running"] == 0)
+    assert st["running"] == 0, st
+    assert st["cancelled"] == before["cancelled"] + 1 and st["finished"] == before["finished"], st
+
+
+def test_a_failing_prompt_cancels_its_siblings(server):
+    before = model_stats("base")
+    r = raw_post(server, "/v1/completions", json.dumps({
+        "model": "base", "prompt": ["Once upon a time", "word " * 400], "max_tokens": 200,
+        "ignore_eos": True}))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    # The sibling (200 tokens to go, a second or so here) is cancelled, wherever it was: in the
+    # batch (counted as cancelled) or not yet admitted (never reaches the engine). Either way it is
+    # never generated to the end for nobody, and nothing of it is left running.
+    time.sleep(2.0)
+    st = wait_stats("base", lambda s: s["running"] == 0 and s["pending"] == 0)
+    assert st["running"] == st["pending"] == 0, st
+    assert st["finished"] == before["finished"], (before, st)
+    assert st["cancelled"] - before["cancelled"] in (0, 1), (before, st)
+
+
+def test_overload_at_twice_capacity_answers_503_with_retry_after_and_recovers(server):
+    """``narrow`` holds 2 running + 2 queued requests per ingress replica; 8 clients (twice that)
+    each send 3 requests at once. Every answer is a 200 or a 503 with Retry-After; none waits
+    without bound, none is another 5xx; afterwards the model serves normally with nothing left."""
+    capacity = NARROW["max_ongoing_requests"] + NARROW["max_queued_requests"]
+
+    def one(_):
+        r = requests.post(server["url"] + "/v1/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": "narrow", "prompt": "Load", "max_tokens": 100,
+                                "ignore_eos": True})
+        return r.status_code, r.headers.get("Retry-After"), r.json()
+
+    with ThreadPoolExecutor(2 * capacity) as pool:
+        out = list(pool.map(one, range(3 * 2 * capacity)))
+    codes = Counter(c for c, _, _ in out)
+    assert set(codes) <= {200, 503}, codes
+    assert codes[503] >= 1 and codes[200] >= capacity, codes
+    for code, retry, body in out:
+        if code == 503:
+            assert retry == str(NARROW["retry_after_s"]) and body["error"]["code"] == "overloaded"
+    st = wait_stats("narrow", lambda s: s["running"] == 0 and s["pending"] == 0)
+    assert st["running"] == st["pending"] == 0 and st["failed"] == 0, st
+    code, _, body = one(0)
+    assert code == 200 and body["usage"]["completion_tokens"] == 100
+
+
+def test_api_key_never_in_serve_status_deployed_config_or_logs(server, client):
+    """The key was in the deployer's environment and in the runtime env it deployed with (as a
+    Ray job passes it). The ingress authenticates with it, yet it is nowhere in what `serve
+    status` / the dashboard show (the controller's serve details, including the deployed app
+    config) nor in any log file of the cluster."""
+    import ray
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    assert chat(client).choices[0].message.content is not None  # the ingress knows the key
+    details = json.dumps(_get_global_client().get_serve_details(), default=str)
+    assert "LLAMAPRO_SERVE_TEST_FLAG" in details  # the runtime env did reach the app config...
+    assert API_KEY not in details  # ...without the key
+    assert API_KEY not in str(serve.status())
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
+    scanned = 0
+    for root, _, files in os.walk(logs):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                assert API_KEY.encode() not in fh.read(), os.path.join(root, f)
+            scanned += 1
+    assert scanned > 5
 
 
 # --- canary ----------------------------------------------------------------------------------------
@@ -232,8 +421,6 @@ def test_canary_split_and_named_models(server, client):
 
 
 def test_runtime_switch_drops_nothing(server, client):
-    from llamapro.serve import deploy
-
     _, exp_replica, ingress = _served(client, "expanded")
 
     def one():
@@ -245,7 +432,7 @@ def test_runtime_switch_drops_nothing(server, client):
                           weights={target: 1.0})
         with LoadDriver(one, threads=3) as load:
             time.sleep(1.0)
-            deploy(new, wait_s=120)
+            redeploy(new)
             switched = time.monotonic()
             time.sleep(1.0)
         assert load.errors == [] and load.backpressure == 0
@@ -255,20 +442,20 @@ def test_runtime_switch_drops_nothing(server, client):
     # applied in place: the same ingress and model replicas kept serving (no restart)
     _, exp_replica2, ingress2 = _served(client, "expanded")
     assert (exp_replica2, ingress2) == (exp_replica, ingress)
-    deploy(cfg, wait_s=120)  # back to the module's config
+    redeploy(cfg)  # back to the module's config
 
 
 # --- autoscaling under load (last: it leaves base with autoscaling on) -----------------------------
 
 def test_autoscaling_up_to_two_and_back_down(server, client):
-    from llamapro.serve import deploy, replica_counts
+    from llamapro.serve import replica_counts
 
     fast = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
             "upscale_delay_s": 1, "downscale_delay_s": 3, "metrics_interval_s": 0.5,
             "look_back_period_s": 2}
     cfg = make_config(server["port"], server["base"], server["expanded"], server["keyfile"],
                       base_autoscaling=fast)
-    deploy(cfg, wait_s=120)  # an autoscaling change is applied in place too
+    redeploy(cfg)  # an autoscaling change is applied in place too
 
     def one():
         r = client.completions.create(model="base", prompt="Load", max_tokens=32,

@@ -1,5 +1,6 @@
 """`llamapro serve` as users run it: a subprocess that serves a config, re-reads it on SIGHUP (canary
-shift in place) and shuts down cleanly on Ctrl-C. The API key comes from an environment variable."""
+shift in place) and shuts down cleanly on SIGTERM (what systemd, Kubernetes and `ray job stop` send;
+Ctrl-C takes the same path) with exit 0. The API key comes from an environment variable."""
 
 from __future__ import annotations
 
@@ -89,8 +90,13 @@ def test_llamapro_serve_reload_and_shutdown(tmp_path):
         proc.send_signal(signal.SIGHUP)
         _wait_for(lines, "redeployed", 120, seen)
         assert {served() for _ in range(5)} == {"expanded"}
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0  # once: a native stack dump and exit 134
+        _wait_for(lines, "stopped", 30, seen)
+        out = "".join(seen)
+        assert "SIGTERM: shutting down" in out
+        assert "Fatal Python error" not in out and "Stack (most recent" not in out
+        assert KEY not in out  # the key is never printed, start to end
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)

@@ -107,9 +107,23 @@ def test_live_keys_do_not_change_the_code_version():
 def test_build_app_from_its_own_args():
     from llamapro.serve import build_app, static_args
 
-    c = cfg(canary={"weights": {"expanded": 1}})
+    c = cfg(canary={"weights": {"expanded": 1}}, api_key_env="LLAMAPRO_TEST_KEY",
+            models={"base": {"path": "/m/base", "num_cpus": 2},
+                    "expanded": {"path": "/m/exp"}})
     app = build_app(static_args(c))  # what the controller calls for `serve deploy`
-    assert app is not None
+    ingress = app._bound_deployment
+    assert ingress.name == "ingress"
+    spec, handles = ingress.init_args
+    assert spec == {"alias": "llamapro", "api_key_env": "LLAMAPRO_TEST_KEY", "api_key_file": "",
+                    "models": ["base", "expanded"]}
+    assert {n: h._bound_deployment.name for n, h in handles.items()} == {
+        "base": "model-base", "expanded": "model-expanded"}
+    base = handles["base"]._bound_deployment
+    assert base.init_args[0]["path"] == "/m/base" and base.ray_actor_options["num_cpus"] == 2
+    # bounded queues with Retry-After by default, at both levels
+    assert (base.max_ongoing_requests, base.max_queued_requests) == (16, 32)  # 2 x batch of 8
+    assert base.backpressure_config.retry_after_s == 2.0
+    assert ingress.max_queued_requests == 256 and ingress.backpressure_config.status_code == 503
     with pytest.raises(ConfigError, match="unknown key"):
         build_app({"confg": "x.yaml"})
 
@@ -152,6 +166,23 @@ def test_print_serve_config_is_a_valid_deploy_config():
     kube = yaml.safe_load(_cli("--config", str(REPO / "jobs/configs/serve_demo.yaml"),
                                "--print-serve-config", "--format", "kuberay"))
     assert yaml.safe_load(kube["spec"]["serveConfigV2"]) == conf
+
+
+def test_secret_env_vars_never_reach_the_app_config(monkeypatch):
+    """A Ray job's runtime env goes into the app config (`serve status`, the dashboard): the API key
+    variable and any secret-looking one are dropped; a deploy whose config would still hold the
+    key is refused."""
+    from llamapro.serve import job_runtime_env, strip_secrets  # noqa: F401  (job_runtime_env: API)
+
+    c = cfg(api_key_env="LLAMAPRO_API_KEY")
+    env = {"working_dir": "https://x/y.zip", "env_vars": {
+        "LLAMAPRO_API_KEY": "sk-1", "HF_TOKEN": "hf_x", "DB_PASSWORD": "p", "OMP_NUM_THREADS": "2"}}
+    conf = serve_deploy_config(c, env)
+    text = yaml.safe_dump(conf)
+    assert conf["applications"][0]["runtime_env"] == {
+        "working_dir": "https://x/y.zip", "env_vars": {"OMP_NUM_THREADS": "2"}}
+    assert not any(s in text for s in ("sk-1", "hf_x", "DB_PASSWORD"))
+    assert strip_secrets({"env_vars": {"LLAMAPRO_API_KEY": "sk-1"}}, c) is None
 
 
 def test_the_key_itself_never_appears(tmp_path, monkeypatch):
