@@ -186,3 +186,45 @@ def export_gptq(src, out, method: str = "gptq", force: bool = False, trust_remot
         if cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True)
     return {"out": str(out), "path": str(out), "bytes": _dir_bytes(out), "quantization": q}
+
+
+# --- quality of a quantized export ----------------------------------------------------------------
+
+def heldout_windows(tok, n: int = 8, seq: int = 256, source: str = "debian-reference"):
+    """``n`` windows of ``seq`` token ids of real text no model here was trained on: the Debian
+    Reference (debian-reference-en, GPL-2+) or the Python tutorial (python3-doc, PSF-2.0), read
+    from their Debian packages, taken evenly spaced through the text."""
+    import torch
+
+    from .corpora import DEBIAN_REFERENCE, _read, python_doc_root
+
+    if source == "debian-reference":
+        if not Path(DEBIAN_REFERENCE).is_file():
+            raise QuantExportError(f"{DEBIAN_REFERENCE} missing: apt-get install debian-reference-en")
+        text = _read(DEBIAN_REFERENCE)
+    else:
+        root = python_doc_root()
+        if root is None:
+            raise QuantExportError("python3-doc is not installed: apt-get install python3-doc")
+        text = "\n\n".join(Path(f).read_text(encoding="utf-8")
+                           for f in sorted(Path(root, "tutorial").glob("*.txt")))
+    ids = tok(text, return_tensors="pt")["input_ids"][0]
+    if len(ids) < n * seq:
+        raise QuantExportError(f"{source} has only {len(ids)} tokens; need {n * seq}")
+    step = (len(ids) - seq) // n
+    return torch.stack([ids[i * step:i * step + seq] for i in range(n)])
+
+
+def perplexity(model, windows) -> float:
+    """exp(mean next-token loss) over the windows (each scored on its own)."""
+    import math
+
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            out = model(input_ids=w[None], labels=w[None])
+            total += out.loss.item() * (len(w) - 1)
+            count += len(w) - 1
+    return math.exp(total / count)
