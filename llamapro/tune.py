@@ -42,7 +42,9 @@ from pathlib import Path
 
 import yaml
 
+from .checkpoint import write_json_atomic
 from .config import Config, ConfigError, from_dict, to_dict
+from .jsonl import append_record, read_records
 from .tune_config import PLACEMENT_KEY
 
 EXPERIMENT_DIR = "experiment"
@@ -307,36 +309,64 @@ def base_losses(base_dir: str, evals: dict, cache_dir: Path, batch_size: int, dt
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(path)  # atomic: concurrent trials may compute the same baseline
+    write_json_atomic(path, out, indent=1)  # concurrent trials may compute the same baseline
     return out
 
 
-def _report_callback(baseline: dict, plan: dict):
-    """A TuneReportCallback that adds the objective to every report of the Train run."""
-    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+@dataclasses.dataclass(frozen=True)
+class TrialObjective:
+    """The objective of one trial, computed where the metrics are made: the training loop calls it
+    on every report (``run_training(report_metrics=...)``) and Ray's stock ``TuneReportCallback``
+    hands rank 0's metrics to Tune unchanged. Stateless (it travels to the workers and survives a
+    worker-group restart): a held-out set not evaluated in a report counts at the base's loss, as
+    the model is the base before the first evaluation."""
+
+    baseline: dict
+    domain: list
+    retention: list
+    penalty: float
+    max_forgetting: float | None
+
+    @classmethod
+    def of(cls, baseline: dict, plan: dict) -> "TrialObjective":
+        return cls(dict(baseline), list(plan["domain_sets"]), list(plan["retention_sets"]),
+                   plan["penalty"], plan["max_forgetting"])
+
+    def __call__(self, metrics: dict) -> dict:
+        losses = {n: float(metrics.get(f"eval_loss/{n}", b)) for n, b in self.baseline.items()}
+        out = {f"eval_loss/{n}": v for n, v in losses.items()}
+        out.update({f"base_loss/{n}": v for n, v in self.baseline.items()})
+        out.update(objective_metrics(losses, self.baseline, self.domain, self.retention,
+                                     self.penalty, self.max_forgetting))
+        return out
+
+
+def _callback_class(objective: TrialObjective) -> tuple[type, bool]:
+    """How a trial's Train run reports to Tune: Ray's stock ``TuneReportCallback``, with the
+    objective computed in the training loop (True). With a training loop that cannot compute it,
+    a subclass adds it on the way through ``after_report`` alone (False); never Ray's private
+    queue."""
+    import inspect
+
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .train import run_training
+
+    if "report_metrics" in inspect.signature(run_training).parameters:
+        return TuneReportCallback, True
 
     class ObjectiveReportCallback(TuneReportCallback):
-        def __init__(self):
-            super().__init__()
-            self.last = dict(baseline)  # before the first evaluation the model IS the base
-
         def after_report(self, run_context, metrics, checkpoint):
-            m = dict(metrics[0])  # rank 0's; held-out losses are all-reduced, equal on every rank
-            for name in self.last:
-                v = m.get(f"eval_loss/{name}")
-                if v is not None:
-                    self.last[name] = float(v)
-            m.update({f"eval_loss/{n}": v for n, v in self.last.items()})
-            m.update({f"base_loss/{n}": v for n, v in baseline.items()})
-            m.update(objective_metrics(self.last, baseline, plan["domain_sets"], plan["retention_sets"],
-                                       plan["penalty"], plan["max_forgetting"]))
-            if checkpoint:
-                m[CHECKPOINT_PATH_KEY] = checkpoint.path
-            self._training_actor_item_queue.put(m)
+            m = {**metrics[0], **objective(metrics[0])}
+            super().after_report(run_context, [m, *metrics[1:]], checkpoint)
 
-    return ObjectiveReportCallback()
+    return ObjectiveReportCallback, False
+
+
+def _reporting(objective: TrialObjective) -> dict:
+    """``run_training`` keywords of a trial (the callback can only be made inside a Tune trial)."""
+    cls, in_loop = _callback_class(objective)
+    return {"callbacks": [cls()], **({"report_metrics": objective} if in_loop else {})}
 
 
 def trial_config(plan: dict, params: dict, trial_id: str) -> Config:
@@ -435,7 +465,7 @@ def run_trial(params: dict, plan: dict, shared: dict | None = None) -> None:
                           name=f"train-{trial_id}", seed=cfg.run.seed,
                           early_stop_on=tc.early_stop_on or plan["domain_sets"][0],
                           trust_remote_code=cfg.model.trust_remote_code,
-                          storage_path=str(rd / "ray"), callbacks=[_report_callback(baseline, plan)])
+                          storage_path=str(rd / "ray"), **_reporting(TrialObjective.of(baseline, plan)))
     if result.error is not None:
         raise RuntimeError(f"trial {trial_id}: training failed: {result.error}")
 
@@ -534,8 +564,7 @@ def _scheduler(cfg: Config, plan: dict):
                 step = result.get(TIME_ATTR)
                 rec = {"trial_id": trial.trial_id, "step": step, METRIC: result.get(METRIC),
                        "reason": "max_t" if step is not None and step >= plan["max_t"] else "asha"}
-                with open(stops, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                append_record(stops, rec)
             return action
 
     return RecordingASHA(time_attr=TIME_ATTR, max_t=plan["max_t"], grace_period=s.grace_period,
@@ -604,16 +633,7 @@ def run_tune(cfg: Config, force: bool = False, say=print) -> dict:
 # --- outputs --------------------------------------------------------------------------------------
 
 def _stops(exp_dir: Path) -> dict:
-    p = exp_dir / STOPS_FILE
-    out = {}
-    if p.is_file():
-        for line in p.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-                out[rec["trial_id"]] = rec
-            except (json.JSONDecodeError, KeyError):
-                continue
-    return out
+    return {rec["trial_id"]: rec for rec in read_records(exp_dir / STOPS_FILE) if "trial_id" in rec}
 
 
 def _trial_id_of(result) -> str | None:

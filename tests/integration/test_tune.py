@@ -266,3 +266,25 @@ def test_bad_tune_configs_fail_before_any_trial(workspace):
     with pytest.raises(ConfigError, match="tune.space is empty"):
         run_tune(load_config(_config(workspace, "bad", {})))
     assert not (workspace / "runs" / "bad-tune").exists()
+
+
+def test_objective_is_computed_from_a_report_and_travels_to_workers():
+    """What the training loop adds to each report (the stock TuneReportCallback then forwards
+    rank 0's metrics as they are): picklable, stateless, a set not evaluated counts at the base."""
+    import pickle
+
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from llamapro import tune
+
+    plan = {"domain_sets": ["dom"], "retention_sets": ["ret"], "penalty": 2.0, "max_forgetting": 0.05}
+    obj = pickle.loads(pickle.dumps(tune.TrialObjective.of({"dom": 3.0, "ret": 2.0}, plan)))
+    m = obj({"step": 4, "eval_loss/dom": 2.5, "eval_loss/ret": 2.1})
+    assert m["objective"] == pytest.approx(0.5 - 2.0 * 0.1) and m["base_loss/dom"] == 3.0
+    assert obj({"step": 1})["objective"] == 0.0  # before any evaluation the model is the base
+    cls, in_loop = tune._callback_class(obj)
+    assert issubclass(cls, TuneReportCallback)
+    if in_loop:  # the loop computes it: Ray's callback exactly, nothing private
+        assert cls is TuneReportCallback
+    else:  # until train.run_training takes report_metrics: added through after_report only
+        assert "_training_actor_item_queue" not in cls.after_report.__code__.co_names

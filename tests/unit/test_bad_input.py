@@ -136,11 +136,21 @@ def test_killed_expansion_leaves_previous_output_intact(base_dir, tmp_path):
         "c._copy_range = slow\n"
         f"from llamapro import steps; steps.expand({str(big)!r}, {str(out)!r}, blocks=3, force=True, progress=False)\n"
     )
-    p = subprocess.Popen([sys.executable, "-c", code])
-    deadline = time.time() + 60
-    while time.time() < deadline and not [q for q in tmp_path.iterdir() if q.name.startswith(".out.tmp")]:
+    p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+
+    def staging():
+        return [q for q in tmp_path.iterdir() if q.name.startswith(".out.tmp")]
+
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not staging():
         time.sleep(0.05)
     time.sleep(0.3)
+    # the kill must land while the child is writing: a child that failed, finished or never
+    # started writing proves nothing about an interrupted expansion
+    assert p.poll() is None, f"the expansion ended before the kill (exit {p.returncode}): {p.stderr.read()[-2000:]}"
+    assert staging(), "the expansion never started writing within 120 s"
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert staging(), "a kill mid-write leaves its temporary beside OUT (named .out.tmp-*)"
     assert content_digest(out) == before
