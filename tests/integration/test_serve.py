@@ -46,7 +46,8 @@ NARROW = {"max_batch_size": 2, "max_ongoing_requests": 2, "max_queued_requests":
 MAX_BODY = 65536
 
 
-def make_config(port, base, expanded, keyfile=None, weights=WEIGHTS, base_autoscaling=None):
+def make_config(port, base, expanded, keyfile=None, weights=WEIGHTS, base_autoscaling=None,
+                limits=None):
     from llamapro.serve import serve_config_from_dict
 
     model = {"num_cpus": 0.5, "max_batch_size": 4, "batch_wait_timeout_s": 0.02,
@@ -58,7 +59,8 @@ def make_config(port, base, expanded, keyfile=None, weights=WEIGHTS, base_autosc
                    "expanded": {"path": str(expanded), **model},
                    "narrow": {"path": str(base), **model, **NARROW}},
         "canary": {"weights": weights, "seed": 1234},
-        "limits": {"max_tokens": 200, "default_max_tokens": 16, "max_body_bytes": MAX_BODY},
+        "limits": {"max_tokens": 200, "default_max_tokens": 16, "max_body_bytes": MAX_BODY,
+                   **(limits or {})},
     })
 
 
@@ -397,6 +399,24 @@ def test_api_key_never_in_serve_status_deployed_config_or_logs(server, client):
                 assert API_KEY.encode() not in fh.read(), os.path.join(root, f)
             scanned += 1
     assert scanned > 5
+
+
+def test_request_timeout_cancels_the_request_with_504(server):
+    """limits.request_timeout_s (live) bounds a request: past it the client gets a 504 and the
+    row leaves the batch instead of generating on for nobody."""
+    short = make_config(server["port"], server["base"], server["expanded"],
+                        limits={"request_timeout_s": 0.01})
+    redeploy(short)
+    try:
+        before = model_stats("narrow")
+        r = raw_post(server, "/v1/completions", json.dumps({
+            "model": "narrow", "prompt": "Tell", "max_tokens": 200, "ignore_eos": True}))
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+        time.sleep(2.0)
+        st = wait_stats("narrow", lambda s: s["running"] == 0 and s["pending"] == 0)
+        assert st["running"] == 0 and st["finished"] == before["finished"], (before, st)
+    finally:
+        redeploy(server["cfg"])
 
 
 # --- canary ----------------------------------------------------------------------------------------
