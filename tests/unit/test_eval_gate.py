@@ -258,3 +258,60 @@ def test_job_entrypoints_report_bad_input(tmp_path, capsys):
         assert (f"ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \\\n"
                 f"        python jobs/{job}.py --config") in doc
         assert len(doc.splitlines()) < 60
+
+
+# --- the knowledge battery in the gate -----------------------------------------------------------
+
+def _battery(base_right: int, flipped: int, n: int = 400) -> dict:
+    """A constructed battery result: the base answers ``base_right`` of ``n`` questions right, the
+    trained model loses ``flipped`` of those (and gains none)."""
+    from llamapro.battery import compare_battery, wilson
+
+    def res(items):
+        k = items.count("1")
+        return {"n": n, **{m: k / n for m in ("acc", "acc_norm")},
+                **{m + "_ci": list(wilson(k, n)) for m in ("acc", "acc_norm")},
+                **{m + "_items": items for m in ("acc", "acc_norm")}}
+
+    base = "1" * base_right + "0" * (n - base_right)
+    trained = "0" * flipped + base[flipped:]
+    return {"tasks": compare_battery({"piqa": res(base)}, {"piqa": res(trained)}), "limit": n}
+
+
+def test_gate_fails_on_a_real_accuracy_drop():
+    gate = GateConfig(max_accuracy_drop=0.02)
+    g = check_gate({}, None, gate, _battery(250, 40))  # 62.5% -> 52.5%: 10 points, CI below 0
+    assert not g["passed"]
+    (c,) = g["checks"]
+    assert c["check"] == "max_accuracy_drop" and c["value"] == pytest.approx(0.1) and c["ci"][1] < 0
+    assert "knowledge battery piqa acc 0.625 -> 0.525" in g["summary"] and "a real drop" in g["summary"]
+
+
+def test_gate_passes_a_drop_inside_the_noise_or_the_allowance():
+    gate = GateConfig(max_accuracy_drop=0.02)
+    noisy = _battery(250, 40)  # the same 10-point drop, but a few wins offset it: the CI holds 0
+    e = noisy["tasks"]["piqa"]["acc"]
+    # rebuild with gains on other questions: 40 lost, 30 gained -> -2.5 points net (beyond the
+    # allowed 2), but the paired interval holds 0
+    from llamapro.battery import paired_change
+    base = "1" * 250 + "0" * 150
+    trained = "0" * 40 + "1" * 210 + "1" * 30 + "0" * 120
+    e.update(paired_change(base, trained))
+    assert e["noise"] and e["change"] == pytest.approx(-0.025)
+    big_noisy = _battery(6, 3, n=12)  # 25 points lost on 12 questions: inside the noise
+    assert big_noisy["tasks"]["piqa"]["acc"]["noise"]
+    for bat in (noisy, big_noisy, _battery(250, 4)):  # the last: 1 point, within the allowance
+        g = check_gate({}, None, gate, bat)
+        assert g["passed"], g["summary"]
+    assert "inside the noise" in check_gate({}, None, gate, big_noisy)["checks"][0]["sentence"]
+    with pytest.raises(EvalError, match="knowledge battery was not run"):
+        check_gate({}, None, gate, None)
+
+
+def test_battery_gate_config_is_checked():
+    with pytest.raises(ConfigError, match="max_accuracy_drop"):
+        GateConfig(max_accuracy_drop=2.0)
+    with pytest.raises(ConfigError, match="eval.battery.enabled"):
+        EvalConfig(gate=GateConfig(max_accuracy_drop=0.02))
+    with pytest.raises(ConfigError, match="replayed_sets"):
+        GateConfig(retention_sets=["a"], replayed_sets=["b"])
