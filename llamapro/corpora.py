@@ -1,12 +1,18 @@
-"""The demo corpora: two real corpora nobody in this project wrote, built from Debian packages.
+"""The demo corpora: three real corpora nobody in this project wrote, built from Debian packages.
 
 - **debian-manuals** (the new domain): the Debian Reference (``debian-reference-en``, GPL-2+),
   the Debian Policy Manual (``debian-policy``, GPL-2+) and the Debian Developer's Reference
   (``developers-reference``, GPL-2 or later): Debian system administration and packaging.
   SmolLM2-135M-Instruct is weak on it: perplexity ~20 on its plain text, against ~12 on the
   Python documentation (measured here on 12 windows of 512 tokens each).
-- **python-docs** (the retention set): the Python 3 documentation's reStructuredText sources
-  (``python3.11-doc``, PSF License 2.0): text the demo model demonstrably knows already.
+- **python-docs** (the replayed retention set): the Python 3 documentation's reStructuredText
+  sources (``python3.11-doc``, PSF License 2.0): text the demo model demonstrably knows already.
+  The demo replays it in the training mixture, so its perplexity measures how well replayed text
+  is kept, not forgetting.
+- **perl-docs** (the retention set that is NOT replayed): the Perl 5 manual pages in POD
+  (``perl-doc``: perlintro, perlfaq, perlfunc, perlre, ...; GPL-1+ or Artistic License, Perl's
+  own terms): general programming documentation the model has seen in pretraining and that no
+  demo config trains on (weight 0): a rise of its perplexity is forgetting.
 
 Each manual is cut into documents at its section headings (small sections merged), so the
 held-out split (by document hash) holds out whole sections. Each corpus is written as a few
@@ -150,6 +156,40 @@ def _debian_manuals():
 PYTHON_DOC_SECTIONS = ("tutorial", "howto", "faq", "reference", "using", "extending", "library")
 
 
+PERL_POD = "/usr/share/perl/5*/pod"
+_POD_HEAD = re.compile(r"^=head[12]\b")
+
+
+def split_pod(text: str) -> list[str]:
+    """Sections of a POD file, at its =head1 / =head2 commands."""
+    sections, cur = [], []
+    for ln in text.splitlines():
+        if _POD_HEAD.match(ln) and cur:
+            sections.append("\n".join(cur).strip())
+            cur = []
+        cur.append(ln)
+    if cur:
+        sections.append("\n".join(cur).strip())
+    return sections
+
+
+def perl_pod_root() -> str | None:
+    roots = sorted(glob.glob(PERL_POD))
+    return roots[-1] if roots else None
+
+
+def _perl_docs():
+    root = perl_pod_root()
+    # Release notes (perl5*delta), the table of contents and the list of diagnostics are lists,
+    # not prose: left out.
+    files = [f for f in glob.glob(f"{root}/*.pod")
+             if not re.search(r"/perl5\d+delta|/perl(toc|diag|delta)\.pod$", f)]
+    files.sort(key=lambda f: hashlib.blake2b(os.path.basename(f).encode(), digest_size=8).digest())
+    for f in files:
+        for k, doc in enumerate(merge_small(split_pod(_read(f)))):
+            yield f"perl:{os.path.basename(f)}#{k}", "perl-doc", doc
+
+
 def python_doc_root() -> str | None:
     """The newest installed python3.X-doc's reST sources."""
     roots = sorted(glob.glob("/usr/share/doc/python3.*/html/_sources"),
@@ -193,12 +233,23 @@ CORPORA = {
         ["python3.11-doc"],
         "PSF License Version 2 (the Python documentation)",
         _python_docs),
+    "perl-docs": Corpus(
+        "perl-docs", "retention, not replayed",
+        "The Perl 5 manual (perlintro, perlfaq, perlfunc, perlre, perlop, ...): its POD sources, "
+        "cut into sections (release notes, the table of contents and perldiag left out). "
+        "General programming text the model knew; not in any training mixture of the demo.",
+        ["perl-doc"],
+        "GPL-1+ or Artistic License 1.0 (Perl's own terms; see COPYRIGHT.perl-doc)",
+        _perl_docs),
 }
 
 
 def _required_paths(name: str) -> list[str]:
     if name == "debian-manuals":
         return [DEBIAN_REFERENCE, DEBIAN_POLICY, DEVELOPERS_REFERENCE]
+    if name == "perl-docs":
+        root = perl_pod_root()
+        return [root + "/perlintro.pod" if root else "/usr/share/perl/5/pod/perlintro.pod"]
     return [python_doc_root() or "/usr/share/doc/python3.11/html/_sources"]
 
 

@@ -33,13 +33,19 @@ def test_debian_reference_sections_skip_the_table_of_contents():
                                               "1.1. Basics\n\nBasic text."]
 
 
+def test_split_pod_at_head1_and_head2():
+    text = "=pod\n\nintro\n\n=head1 NAME\n\nperlx - a page\n\n=head2 Sub\n\nbody\n\n=item x\n"
+    assert C.split_pod(text) == ["=pod\n\nintro", "=head1 NAME\n\nperlx - a page",
+                                 "=head2 Sub\n\nbody\n\n=item x"]
+
+
 @pytest.mark.skipif(not all(os.path.exists(p) for c in C.CORPORA
                             for p in C._required_paths(c)),
                     reason="the Debian documentation packages are not installed "
                            "(`llamapro data corpora` installs them)")
 def test_build_corpora_writes_licensed_parquet_shards(tmp_path):
     res = C.build_corpora(tmp_path, max_bytes=300_000, shards=3, install=False, say=lambda m: None)
-    assert set(res) == {"debian-manuals", "python-docs"}
+    assert set(res) == {"debian-manuals", "python-docs", "perl-docs"}
     for name, m in res.items():
         d = tmp_path / name
         shards = sorted(d.glob("part-*.parquet"))
@@ -53,6 +59,7 @@ def test_build_corpora_writes_licensed_parquet_shards(tmp_path):
         # the pipeline reads the shards and nothing else from the directory
         assert sorted(r.path for r in D.resolve_paths([str(d)])) == [str(s) for s in shards]
     assert "GPL" in res["debian-manuals"]["licence"] and "PSF" in res["python-docs"]["licence"]
+    assert "Artistic" in res["perl-docs"]["licence"] and "not replayed" in res["perl-docs"]["role"]
     again = C.build_corpora(tmp_path, max_bytes=300_000, shards=3, install=False,
                             say=lambda m: None)
     assert again == res  # up to date: reused, not rebuilt
