@@ -163,6 +163,84 @@ def kl_to_teacher(student_logits, teacher_logits, labels, temperature: float) ->
     return (kl * mask).sum() / mask.sum().clamp_min(1) * temperature**2
 
 
+# --- compute dtype ----------------------------------------------------------------------------------
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _matmul_seconds(dtype, n: int = 512, reps: int = 5) -> float:
+    """Best of ``reps`` times of an (n x 2n) @ (2n x 2n) matmul: the best time filters out other
+    processes' bursts on a shared machine."""
+    a, b = torch.randn(n, 2 * n).to(dtype), torch.randn(2 * n, 2 * n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Does ``device`` compute bf16 matmuls natively (fast), and why we think so.
+
+    CUDA: the device's own answer (emulated bf16 on pre-Ampere GPUs counts as no). CPU: oneDNN must
+    support bf16 at all (``torch.ops.mkldnn._is_mkldnn_bf16_supported``, true on any AVX-512 core,
+    where bf16 may still be emulated), and then a timed probe decides: bf16 must beat fp32 by 1.5x
+    on a 512 x 1024 x 1024 matmul (native AVX512-BF16 / AMX: 3-6x; emulated: slower than fp32;
+    AVX2 only: ~100x slower, never timed)."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ok, f"cuda {torch.cuda.get_device_name(device)}: bf16 {'native' if ok else 'not native'}"
+    cap = torch.backends.cpu.get_cpu_capability()
+    flags = sorted(_cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        onednn = False
+    if not onednn:
+        return False, f"cpu {cap}, flags {flags or 'no bf16 flags'}: oneDNN has no bf16 kernels here"
+    f32, b16 = _matmul_seconds(torch.float32), _matmul_seconds(torch.bfloat16)
+    ok = f32 / b16 >= 1.5
+    return ok, (f"cpu {cap}, flags {flags or 'no bf16 flags'}: bf16 matmul {f32 / b16:.1f}x fp32 "
+                f"({'>=' if ok else '<'} 1.5x)")
+
+
+def resolve_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, dict]:
+    """The compute dtype of a run and the record of why (for the log and the metadata)."""
+    if requested == "float32":
+        return torch.float32, {"compute": "float32", "requested": requested, "reason": "configured"}
+    native, why = native_bf16(device)
+    if requested == "bfloat16":
+        reason = "configured" + ("" if native else f"; WARNING bf16 is not native here, expect a slow run ({why})")
+        return torch.bfloat16, {"compute": "bfloat16", "requested": requested, "reason": reason, "probe": why}
+    dtype = torch.bfloat16 if native else torch.float32
+    return dtype, {"compute": str(dtype).replace("torch.", ""), "requested": requested,
+                   "reason": f"auto: {why}", "probe": why}
+
+
+def _hold_frozen_in(model, dtype: torch.dtype) -> int:
+    """Cast every parameter that does not train to ``dtype`` in place; returns how many elements.
+
+    Frozen weights never change, so they need no fp32 master: autocast computes in bf16 anyway and
+    their memory halves. Trainable ones stay fp32 (master weights, fp32 gradients and Adam state).
+    The run's output takes the originals from the base checkpoint, never from this copy."""
+    n = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad and p.dtype != dtype and p.is_floating_point():
+                p.data = p.data.to(dtype)
+                n += p.numel()
+    return n
+
+
 # --- the worker -----------------------------------------------------------------------------------
 
 def _lean_malloc() -> bool:
@@ -308,7 +386,21 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(config["seed"] + rank)
     use_cuda = tc.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", ctx.get_local_rank()) if use_cuda else torch.device("cpu")
-    bf16 = tc.dtype == "bfloat16" or (tc.dtype == "auto" and use_cuda)
+    compute_dtype, dtype_info = resolve_dtype(tc.dtype, device)
+    bf16 = compute_dtype == torch.bfloat16
+    # bf16: autocast over fp32 trainable blocks and bf16 frozen weights (measured faster than
+    # DeepSpeed's bf16 mode, which also keeps the activations' elementwise work in bf16 and a
+    # flat fp32 copy). ZeRO-3 partitions every parameter, frozen ones too: there DeepSpeed's own
+    # bf16 mode does the casting.
+    ds_bf16 = bf16 and tc.zero_stage == 3
+    dtype_info.update(frozen_weights="bfloat16" if bf16 else "float32", trainable_weights=(
+        "bfloat16 (fp32 master in the optimizer)" if ds_bf16 else "float32"),
+        method="deepspeed bf16" if ds_bf16 else "torch.autocast" if bf16 else "none")
+    if rank == 0:
+        print(f"[llamapro] compute dtype {dtype_info['compute']} ({dtype_info['reason']})", flush=True)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not ds_bf16)
     out_uri = config.get("out_uri")
     if config.get("model_uri"):  # no shared file system: each node keeps its own copy
         config["model_dir"] = storage.localize(config["model_uri"])
@@ -366,8 +458,9 @@ def train_loop(config: dict) -> None:
                 tot = torch.zeros(2, dtype=torch.float64)
                 x, y = torch.as_tensor(ids[rows]), torch.as_tensor(labels[rows])
                 for i in range(0, len(x), tc.micro_batch_size):
-                    s, n = causal_lm_ce_sum(engine.module, x[i:i + tc.micro_batch_size].to(device),
-                                            y[i:i + tc.micro_batch_size].to(device), chunked)
+                    with autocast():
+                        s, n = causal_lm_ce_sum(engine.module, x[i:i + tc.micro_batch_size].to(device),
+                                                y[i:i + tc.micro_batch_size].to(device), chunked)
                     tot += torch.tensor([s.item(), n], dtype=torch.float64)
                 dist.all_reduce(tot)
                 out[name] = (tot[0] / tot[1].clamp_min(1)).item()
@@ -415,6 +508,9 @@ def train_loop(config: dict) -> None:
         else:
             _overlay(model, trained)
         groups = select_parameters(model, tc, new_layers, stage if tc.mode == "llamapro" else None)
+        if bf16 and not ds_bf16:
+            _hold_frozen_in(model, torch.bfloat16)
+            gc.collect()
         checkpointed = _apply_checkpointing(model, tc.gradient_checkpointing)
         chunked = (tc.chunked_loss and tc.zero_stage < 3 and tc.distill_weight == 0
                    and supports_chunked_loss(model))
@@ -428,7 +524,7 @@ def train_loop(config: dict) -> None:
             optimizer, lr_lambda(stage.steps, tc.warmup_ratio, tc.min_lr_ratio))
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=build_ds_config(tc, bf16), dist_init_required=False)
+            config=build_ds_config(tc, ds_bf16), dist_init_required=False)
         if resume_dir is not None and state["ds_valid"] and state["stage"] == k:
             engine.load_checkpoint(str(resume_dir / "ds"), tag="state", load_module_strict=False)
         if rank == 0:
@@ -438,25 +534,28 @@ def train_loop(config: dict) -> None:
         log({"event": "stage_start", "stage": k, "name": stage.name, "layers": stage.layers,
              "steps": stage.steps, "trainable_params": n_train, "total_params": n_all,
              "optimizer_groups": group_sizes, "checkpointed_layers": checkpointed,
-             "chunked_loss": chunked, "zero_stage": engine.zero_optimization_stage(),
+             "chunked_loss": chunked, "zero_stage": engine.zero_optimization_stage(), "dtype": dtype_info,
              "rss_at_start_bytes": rss_at_start, "rss_bytes": _rss(),
              "peak_rss_bytes": _peak_rss()})
         engine.train()
         stopped, metrics = False, {"step": state["global_step"], "stage": k}
         while state["step_in_stage"] < stage.steps and not stopped:
-            t0 = time.perf_counter()
-            loss_acc, kl_acc = 0.0, 0.0
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss_acc, kl_acc, data_s = 0.0, 0.0, 0.0
             for _ in range(tc.grad_accum):
+                td = time.perf_counter()
                 x, y = batches.next()
+                data_s += time.perf_counter() - td
                 x, y = x.to(device), y.to(device)
-                if chunked:
-                    s, n = causal_lm_ce_sum(engine.module, x, y, chunked=True)
-                else:
-                    out = engine(input_ids=x, use_cache=False)
-                    s, n = masked_ce_sum(out.logits, y)
+                with autocast():
+                    if chunked:
+                        s, n = causal_lm_ce_sum(engine.module, x, y, chunked=True)
+                    else:
+                        out = engine(input_ids=x, use_cache=False)
+                        s, n = masked_ce_sum(out.logits, y)
                 loss = s / max(1, n)
                 if tc.distill_weight > 0:
-                    with torch.no_grad(), skip_layers(engine.module, new_layers):
+                    with torch.no_grad(), skip_layers(engine.module, new_layers), autocast():
                         teacher = engine.module(input_ids=x).logits
                     kl = kl_to_teacher(out.logits, teacher, y, tc.distill_temperature)
                     loss = loss + tc.distill_weight * kl
@@ -464,7 +563,7 @@ def train_loop(config: dict) -> None:
                 engine.backward(loss)
                 engine.step()
                 loss_acc += loss.item() / tc.grad_accum
-            dt = time.perf_counter() - t0
+            dt, cpu_s = time.perf_counter() - t0, time.process_time() - c0
             if state["step_in_stage"] == 0:
                 log({"event": "optimizer_state", "stage": k,
                      "numel": _optimizer_state_numel(optimizer), "trainable_params": n_train})
@@ -475,6 +574,7 @@ def train_loop(config: dict) -> None:
             lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(getattr(optimizer, "param_groups", []))}
             rec = {"event": "step", "step": state["global_step"], "stage": k, "loss": loss_acc,
                    "tokens": state["tokens"], "tokens_per_s": tokens_per_step / dt, "step_s": dt, "lr": lrs,
+                   "data_s": data_s, "cpu_s": cpu_s,
                    "peak_rss_bytes": _peak_rss(), "rss_bytes": _rss()}
             if tc.distill_weight > 0:
                 rec["kl"] = kl_acc
@@ -520,13 +620,18 @@ def train_loop(config: dict) -> None:
         engine = None
         gc.collect()
         if final and rank == 0:
-            _write_final(config, tc, trained, state, stages)
+            _write_final(config, tc, trained, state, stages, dtype_info)
     if resume_dir is not None:
         shutil.rmtree(resume_dir, ignore_errors=True)
 
 
-def _write_final(config: dict, tc: TrainConfig, trained: dict, state: dict, stages) -> None:
-    """Rank 0: a standard HF checkpoint of the trained model, metadata carried over."""
+def _write_final(config: dict, tc: TrainConfig, trained: dict, state: dict, stages,
+                 dtype_info: dict | None = None) -> None:
+    """Rank 0: a standard HF checkpoint of the trained model, metadata carried over.
+
+    The model is loaded afresh from the expanded checkpoint in fp32 and only the trained tensors
+    (fp32 masters) are laid over it: the originals come from the checkpoint bit for bit, never from
+    the bf16 copy that training computed with."""
     out = Path(config["out_dir"]) / "model"
     model = _load_model(config["model_dir"], torch.float32, config.get("trust_remote_code", False))
     if tc.mode == "lora" or tc.lora_new_blocks:
@@ -553,6 +658,7 @@ def _write_final(config: dict, tc: TrainConfig, trained: dict, state: dict, stag
         "originals_frozen": tc.mode == "llamapro" and tc.original_lr == 0 and not tc.train_norms
         and not tc.train_embeddings and not tc.train_lm_head,
         "trained_from": config.get("model_uri") or config["model_dir"],
+        "dtype": dtype_info or {},
     }
     with atomic_dir(out, force=True) as tmp:
         model.save_pretrained(tmp)
