@@ -226,6 +226,27 @@ def resolve_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, di
                    "reason": f"auto: {why}", "probe": why}
 
 
+def _fp32_trainable(model, model_dir: str, trained: dict) -> None:
+    """Give every trainable parameter of a model loaded in bf16 its exact fp32 value: the carried
+    trained tensor, else the checkpoint's own (read by name, nothing else loaded), so a bf16 run
+    starts from the same weights as an fp32 one."""
+    from safetensors import safe_open
+
+    from .checkpoint import weight_files
+
+    want = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for n in list(want):
+            if n in trained:
+                want.pop(n).data = trained[n].to(torch.float32).clone()
+        for f in weight_files(Path(model_dir)) if want else []:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in set(sf.keys()) & set(want):
+                    want.pop(k).data = sf.get_tensor(k).to(torch.float32)
+        for p in want.values():  # not stored by name (e.g. a tied head): the loaded value
+            p.data = p.data.to(torch.float32)
+
+
 def _hold_frozen_in(model, dtype: torch.dtype) -> int:
     """Cast every parameter that does not train to ``dtype`` in place; returns how many elements.
 
@@ -494,8 +515,13 @@ def train_loop(config: dict) -> None:
 
     for k in range(state["stage"], len(stages)):
         stage = stages[k]
-        model = _load_model(model_dir, torch.float32, config.get("trust_remote_code", False))
-        if tc.mode == "lora" or tc.lora_new_blocks:
+        lora = tc.mode == "lora" or tc.lora_new_blocks
+        # bf16 without LoRA: load straight in bf16 (no fp32 copy of the frozen majority, ever),
+        # then the trainable parameters get their exact fp32 values below
+        direct = bf16 and not ds_bf16 and not lora
+        model = _load_model(model_dir, torch.bfloat16 if direct else torch.float32,
+                            config.get("trust_remote_code", False))
+        if lora:
             from peft import LoraConfig, get_peft_model
 
             lkw = dict(r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
@@ -508,7 +534,9 @@ def train_loop(config: dict) -> None:
         else:
             _overlay(model, trained)
         groups = select_parameters(model, tc, new_layers, stage if tc.mode == "llamapro" else None)
-        if bf16 and not ds_bf16:
+        if direct:
+            _fp32_trainable(model, model_dir, trained)
+        elif bf16 and not ds_bf16:
             _hold_frozen_in(model, torch.bfloat16)
             gc.collect()
         checkpointed = _apply_checkpointing(model, tc.gradient_checkpointing)

@@ -111,6 +111,10 @@ def test_staged_zero2_trains_only_new_blocks(ray_local, expanded):
     meta = json.loads((out / "model" / "llamapro.json").read_text())
     assert meta["kind"] == "trained" and meta["training"]["originals_frozen"]
     assert meta["new_layer_indices"] == [2, 5]
+    # dtype auto: the worker's probe chose, and the run says what and why
+    assert meta["training"]["dtype"]["requested"] == "auto"
+    assert meta["training"]["dtype"]["compute"] in ("bfloat16", "float32")
+    assert meta["training"]["dtype"]["reason"].startswith("auto: ")
 
 
 @pytest.mark.parametrize("zero", [1, 3])
@@ -265,3 +269,37 @@ def test_rerun_with_same_name_resumes(ray_local, expanded):
     assert after and all(abs(e["loss"] - reference[e["step"]]) <= 1e-5 * max(1.0, reference[e["step"]])
                          for e in after), [(e["step"], e["loss"], reference[e["step"]]) for e in after]
     assert (out / "model" / "config.json").is_file()
+
+
+def test_bf16_training_keeps_originals_bit_identical_in_run_and_export(ray_local, expanded, tmp_path):
+    """bf16 forced (hardware-independent): frozen originals computed in bf16, new blocks trained
+    in fp32 masters; the run's model and its export take the originals from the checkpoints,
+    bit for bit, never from the bf16 copy."""
+    from llamapro.export import export
+
+    out, res = _run(ray_local, expanded, "bf16", dtype="bfloat16", zero_stage=2, max_steps=4,
+                    eval_every=2, checkpoint_every=2)
+    assert res.error is None
+    dtype = json.loads((out / "model" / "llamapro.json").read_text())["training"]["dtype"]
+    assert dtype["compute"] == "bfloat16" and dtype["frozen_weights"] == "bfloat16"
+    assert dtype["trainable_weights"] == "float32" and dtype["method"] == "torch.autocast"
+    assert _events(out, "stage_start")[0]["dtype"]["compute"] == "bfloat16"
+    ev = [e["eval_loss"]["domain"] for e in _events(out, "eval")]
+    assert all(np.isfinite(ev)) and ev[-1] < ev[0]
+
+    exported = tmp_path / "export"
+    export(str(out), str(exported))
+    before = _tensors(expanded / "exp")
+    base = _tensors(expanded / "base")
+    for tree in (_tensors(out / "model"), _tensors(exported)):
+        assert tree.keys() == before.keys()
+        assert all(v.dtype == torch.float32 for v in tree.values())
+        changed = {k for k in before if not torch.equal(before[k], tree[k])}
+        assert changed and all(k.startswith(("model.layers.2.", "model.layers.5.")) for k in changed)
+        # every original tensor of the 4-layer base, at its place in the 6-layer model, bit for bit
+        place = dict(zip(range(4), [0, 1, 3, 4]))
+        for k, v in base.items():
+            if k.startswith("model.layers."):
+                i, rest = k[len("model.layers."):].split(".", 1)
+                k = f"model.layers.{place[int(i)]}.{rest}"
+            assert torch.equal(tree[k], v), k
