@@ -154,3 +154,34 @@ def test_killed_expansion_leaves_previous_output_intact(base_dir, tmp_path):
     assert p.returncode == -signal.SIGKILL
     assert staging(), "a kill mid-write leaves its temporary beside OUT (named .out.tmp-*)"
     assert content_digest(out) == before
+
+
+def test_disk_full_during_expansion_keeps_the_previous_output_and_leaks_nothing(base_dir, tmp_path):
+    """A file-size limit (RLIMIT_FSIZE: writes past it fail with EFBIG, as a full disk fails them
+    with ENOSPC) hits the checkpoint write of a replacing expansion: the previous OUT stays, and
+    neither its temporary directory nor a temporary metadata file is left beside it."""
+    import errno
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    steps.expand(str(base_dir), str(out), blocks=1, progress=False)
+    before = content_digest(out)
+    shard = max(f.stat().st_size for f in out.glob("*.safetensors"))
+    code = (
+        "import resource, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({shard // 2}, {shard // 2}))\n"
+        "from llamapro import steps\n"
+        "try:\n"
+        f"    steps.expand({str(base_dir)!r}, {str(out)!r}, blocks=3, force=True, progress=False)\n"
+        "except OSError as e:\n"
+        "    print('OSError', e.errno); sys.exit(0)\n"
+        "sys.exit('no error: the file-size limit was not hit')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    assert r.returncode == 0 and f"OSError {errno.EFBIG}" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert content_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "a temporary was left behind"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
