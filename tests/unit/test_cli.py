@@ -46,3 +46,29 @@ def test_cli_verify_fails_with_exit_code_3(tmp_path):
     save_file(sd, f, metadata={"format": "pt"})
     r = run("verify", str(tmp_path / "out"))
     assert r.returncode == 3 and "NOT an identity" in r.stderr
+
+
+def test_train_mode_derives_the_baseline_as_the_pipeline_does():
+    """`llamapro train --config jobs/configs/demo.yaml --mode full` (README) on the staged demo config:
+    --mode derives a one-stage baseline at the same budget (what run.baselines trains), where the
+    literal override train.mode=full is refused with a message saying why. (Training it for real:
+    tests/integration/test_readme_commands.py.)"""
+    import dataclasses
+
+    import pytest
+
+    from llamapro.cli import build_parser
+    from llamapro.config import ConfigError, load_config
+    from llamapro.train_config import TrainConfig, baseline_of
+
+    assert build_parser().parse_args(["train", "--config", "jobs/configs/demo.yaml", "--mode", "full"]).mode == "full"
+    cfg = load_config("jobs/configs/demo.yaml")
+    assert cfg.train.num_stages == 3
+    with pytest.raises(ConfigError, match="apply to mode llamapro"):
+        load_config("jobs/configs/demo.yaml", ["train.mode=full"])
+    for mode in ("full", "lora", "freeze_last_n"):
+        tc = baseline_of(cfg.train, mode)
+        assert tc.mode == mode and tc.num_stages == 1 and tc.max_steps == cfg.train.max_steps
+        from llamapro.config import from_dict
+
+        from_dict(TrainConfig, dataclasses.asdict(tc), "train")  # a valid config of its own
