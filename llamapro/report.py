@@ -287,6 +287,34 @@ def plot_stack(meta: dict | None, path: Path) -> bool:
     return True
 
 
+def battery_section(results: dict | None, checks_by_set: dict) -> list:
+    """The knowledge battery: per task the gated metric of base and trained model with 95%
+    intervals, the paired change and whether it is noise, and each dataset's licence."""
+    bat = (results or {}).get("battery")
+    if not bat:
+        return []
+    S = [("h2", "Knowledge battery (zero-shot multiple choice)")]
+    S.append(("p", "Log-likelihood scoring as lm-evaluation-harness does it (sum of the answer's token "
+                   "log-probabilities; acc_norm divides by the answer's length). Intervals are 95%: "
+                   "Wilson for each accuracy, paired over the same questions for the change; a change "
+                   "whose interval holds 0 is noise. "
+                   + (f"First {bat['limit']} questions per task." if bat.get("limit") else "Full sets.")))
+    rows = []
+    for name, e in bat["tasks"].items():
+        m = e["metric"]
+        v = e[m]
+        c = checks_by_set.get(f"battery:{name}")
+        rows.append([name, m, str(e["n"]), f"{e['chance']:.2f}" if e.get("chance") else "?",
+                     f"{v['base']:.3f} [{v['base_ci'][0]:.3f}, {v['base_ci'][1]:.3f}]",
+                     f"{v['trained']:.3f} [{v['trained_ci'][0]:.3f}, {v['trained_ci'][1]:.3f}]",
+                     f"{v['change']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]",
+                     "noise" if v["noise"] else ("drop" if v["change"] < 0 else "gain"),
+                     ("pass" if c["passed"] else "FAIL") if c else "—", e.get("licence") or "?"])
+    S.append(("table", ["task", "metric", "questions", "chance", "base [95% CI]", "trained [95% CI]",
+                        "change [95% CI]", "verdict", "gate", "data licence"], rows))
+    return S
+
+
 def plot_greedy(results: dict, path: Path) -> bool:
     g = (results or {}).get("greedy")
     if not g or not g.get("items"):
@@ -474,7 +502,9 @@ def _sections(run_dir: Path, ckpt: Path | None, meta: dict | None, events: list,
         trs = []
         for n, s in sets.items():
             c = checks.get(n)
-            trs.append([n, s["role"], f"{s['tokens']:,}", f"{s['base']['loss']:.4f}", f"{s['trained']['loss']:.4f}",
+            role = s["role"] + ("" if s.get("replayed") is None else
+                                " (replayed)" if s["replayed"] else " (not replayed)")
+            trs.append([n, role, f"{s['tokens']:,}", f"{s['base']['loss']:.4f}", f"{s['trained']['loss']:.4f}",
                         f"{s['base']['ppl']:.4g}", f"{s['trained']['ppl']:.4g}", f"{s['ppl_change']:+.2%}",
                         ("pass" if c["passed"] else "FAIL") if c else "—"])
         S.append(("table", ["set", "role", "tokens", "base loss", "trained loss", "base ppl",
@@ -520,6 +550,9 @@ def _sections(run_dir: Path, ckpt: Path | None, meta: dict | None, events: list,
                     "exact" if it["exact"] else f"{it['prefix_agreement']:.0%}"] for it in g["items"]]))
     else:
         S.append(("p", "No regression prompts were evaluated."))
+
+    S += battery_section(results, checks_by_set={c["set"]: c for c in (gate or {}).get("checks", [])
+                                                  if c.get("set")})
 
     lm = (results or {}).get("lm_eval")
     if lm:

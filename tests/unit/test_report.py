@@ -98,3 +98,36 @@ def test_stack_diagram_of_a_deep_model(tmp_path):
                          "stages": [{"index": 0, "layers": new[:4]}, {"index": 1, "layers": new}]}}
     assert plot_stack(meta, tmp_path / "s.png")
     assert_real_png(tmp_path / "s.png", min_h=800)
+
+
+def test_battery_and_not_replayed_retention_in_results_gate_and_report(evaluated, tmp_path):
+    """The battery through the real eval path (trained model and its base via skipped blocks),
+    the gate's battery check, the replayed / not replayed names, and the report's table."""
+    import json as _json
+
+    from llamapro.eval_config import BatteryConfig
+
+    root, run, _ = evaluated
+    data = tmp_path / "battery"
+    (data / "PIQA").mkdir(parents=True)
+    rows = [{"question": f"item {i}", "options": f"A. x{i}\nB. yy{i}\nC. zzz",
+             "answer": "ABC"[i % 3] + ". " + [f"x{i}", f"yy{i}", "zzz"][i % 3]} for i in range(9)]
+    (data / "PIQA" / "validation.jsonl").write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
+    held = {"retention": greedy_blocks(root / "exp", skip=[2, 5]), "domain": counting_blocks()}
+    cfg = EvalConfig(max_new_tokens=4, prompts="", check_rollback=False,
+                     battery=BatteryConfig(enabled=True, tasks=["piqa"], data_dir=str(data), batch_size=4),
+                     gate=GateConfig(retention_sets=["retention"], domain_sets=["domain"],
+                                     max_retention_ppl_increase=10.0, min_domain_ppl_decrease=-0.99,
+                                     max_accuracy_drop=0.0))
+    res = evaluate_checkpoint(run / "model", held, None, cfg, out_dir=tmp_path / "eval",
+                              replayed={"retention": False})
+    e = res["battery"]["tasks"]["piqa"]
+    assert e["n"] == 9 and e["metric"] == "acc" and e["licence"] == "AFL-3.0"
+    assert len(e["base_items"]["acc"]) == 9 and 0.0 <= e["acc"]["base"] <= 1.0
+    (c,) = [c for c in res["gate"]["checks"] if c["check"] == "max_accuracy_drop"]
+    assert c["set"] == "battery:piqa" and c["passed"] == (not (c["value"] > 0 and c["ci"][1] < 0))
+    assert res["sets"]["retention"]["replayed"] is False
+    assert "retention set retention (not replayed)" in res["gate"]["summary"]
+    md = (build_report(run, res, out_dir=tmp_path / "r").parent / "report.md").read_text()
+    assert "Knowledge battery" in md and "| piqa | acc | 9 |" in md and "AFL-3.0" in md
+    assert "retention (not replayed)" in md
