@@ -7,6 +7,7 @@ either finished, cancelled, or handed an ``APIError`` (500/503) through its ``em
 """
 
 import collections
+import concurrent.futures
 import importlib.util
 import logging
 import queue
@@ -51,6 +52,8 @@ class Prepared:
     stream: bool = True
     """False: only the final event is emitted, carrying the whole text (no per-token wake-ups)."""
     cancelled: bool = False
+    pack: str = ""
+    """The expansion pack this row runs with ("" = the base); see ``llamapro.serve_packs``."""
     batch_size: int = 0
     emit: Any = None
     """Called from the engine thread with each event dict (or the exception that ended it)."""
@@ -229,17 +232,32 @@ class TransformersEngine(_Tokenizing):
         self._start_lock = threading.Lock()
         self._pending: collections.deque = collections.deque()
         self.counters = {"finished": 0, "cancelled": 0, "failed": 0}
+        self.packs = None  # a ServePacks when this model serves expansion packs
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._reset()
 
     # --- public, any thread
     def submit(self, batch: list) -> None:
         """Queue a group of Prepared requests (each with ``emit``) for admission."""
+        self._start()
+        self._inbox.put(list(batch))
+
+    def call(self, fn) -> concurrent.futures.Future:
+        """Run ``fn(engine)`` on the engine thread once the running batch is empty (no new row
+        is admitted meanwhile): for changes of the model's layers, which the KV cache of a running
+        batch could not follow. The future holds its result or exception."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((fn, fut))
+        self._start()
+        self._inbox.put([])  # wake the thread if it waits for work
+        return fut
+
+    def _start(self):
         with self._start_lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve_forever, daemon=True,
                                                 name="llamapro-engine")
                 self._thread.start()
-        self._inbox.put(list(batch))
 
     def alive(self) -> bool:
         return self._thread is None or self._thread.is_alive()
@@ -290,6 +308,8 @@ class TransformersEngine(_Tokenizing):
                         self._pending.extend(_Row(p, self) for p in group)
                 except queue.Empty:
                     pass
+                if not self._rows and not self._calls.empty():
+                    self._run_calls()
                 try:
                     self._admit()
                     if self._rows:
@@ -299,6 +319,26 @@ class TransformersEngine(_Tokenizing):
                                   len(self._rows) + len(self._taking))
                     self._fail(self._rows + self._taking, e)
                     self._reset()
+
+    def pending_packs(self) -> set:
+        """Packs of the rows waiting for admission (engine thread)."""
+        return {r.p.pack for r in self._pending}
+
+    def _run_calls(self):
+        while True:
+            try:
+                fn, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self))
+                except BaseException as e:
+                    fut.set_exception(e)
+
+    def _gate(self, rows: list) -> None:
+        if self.packs is not None:
+            self.packs.select([r.p.pack for r in rows], self.device)
 
     def _fail(self, rows: list, e: BaseException) -> None:
         err = engine_error(e)
@@ -315,7 +355,8 @@ class TransformersEngine(_Tokenizing):
     def _admit(self) -> list:
         torch = self.torch
         room = self.max_running - len(self._rows)
-        if room <= 0 or not self._pending or (self._rows and not self._mergeable):
+        if room <= 0 or not self._pending or (self._rows and not self._mergeable) \
+                or not self._calls.empty():  # a layer change waits for the batch to drain
             return []
         new = self._taking = []  # rows taken off the queue: failed, not lost, if the step raises
         while self._pending and len(new) < room:
@@ -340,6 +381,7 @@ class TransformersEngine(_Tokenizing):
         pos = (attn.cumsum(-1) - 1).clamp_(min=0)
         ids, attn, pos = ids.to(self.device), attn.to(self.device), pos.to(self.device)
         try:
+            self._gate(new)
             out = self._forward(input_ids=ids, attention_mask=attn, position_ids=pos)
         except Exception as e:  # the prefill of the new rows failed; the running batch is intact
             self._taking = []
@@ -421,6 +463,7 @@ class TransformersEngine(_Tokenizing):
                         layer.values = layer.values[:, :, first:]
         feed = torch.tensor([toks[j] for j in keep], dtype=torch.long, device=self.device)
         self._attn = torch.cat([self._attn, self._attn.new_ones((len(keep), 1))], dim=1)
+        self._gate(self._rows)
         out = self.model(input_ids=feed[:, None], attention_mask=self._attn,
                          position_ids=self._pos[:, None], past_key_values=self._cache,
                          use_cache=True)
@@ -508,13 +551,22 @@ def load_engine(spec: dict):
     from .demo import resolve_model
 
     path = resolve_model(spec["path"])
-    kind = select_engine(spec["engine"])
+    packs = spec.get("packs") or {}
+    kind = "transformers" if packs and spec["engine"] == "auto" else select_engine(spec["engine"])
+    if kind == "vllm" and packs:
+        raise RuntimeError(f"serve.models.{spec['name']}: packs are served by the transformers "
+                           "engine only; set engine: transformers (or auto)")
     if kind == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise RuntimeError(f"serve.models.{spec['name']}.engine=vllm but vllm is not installed "
                                "on this replica; use engine: transformers or install vllm")
         return VLLMEngine(path, dtype=spec["dtype"], trust_remote_code=spec["trust_remote_code"],
                           max_context=spec["max_context"], extra=spec.get("vllm"))
-    return TransformersEngine(path, dtype=spec["dtype"], device=spec["device"],
-                              trust_remote_code=spec["trust_remote_code"],
-                              max_context=spec["max_context"], threads=spec["threads"])
+    engine = TransformersEngine(path, dtype=spec["dtype"], device=spec["device"],
+                                trust_remote_code=spec["trust_remote_code"],
+                                max_context=spec["max_context"], threads=spec["threads"])
+    if packs:
+        from .serve_packs import ServePacks, pack_paths
+
+        engine.packs = ServePacks(engine.model, path, pack_paths(packs))
+    return engine
