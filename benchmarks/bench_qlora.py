@@ -1,0 +1,121 @@
+"""Training the new blocks on a quantized base (train.quantize_base) vs the full-precision base.
+
+    python benchmarks/bench_qlora.py [--steps 8] [--seq 128] [--batch 2]
+
+Expands the SmolLM2-135M-Instruct demo 30 -> 36 layers (6 identity blocks) once, then trains
+only the new blocks with plain AdamW on the same real-text windows (the Python tutorial,
+python3-doc, PSF-2.0) from the same seed, once per base: fp32 (baseline), nf4 and int8
+(bitsandbytes). Each run is its own process so peak RSS is its own. Reports weight memory, peak
+resident memory, seconds per step and the loss curve side by side (same invocation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def cpu_line() -> str:
+    info = Path("/proc/cpuinfo").read_text()
+    name = re.search(r"model name\s*:\s*(.*)", info)
+    flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split())
+    keep = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
+    return f"{name.group(1) if name else '?'}, {os.cpu_count()} cores, flags {' '.join(keep)}"
+
+
+def child(kind: str, model_dir: str, steps: int, seq: int, batch: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llamapro.checkpoint import read_metadata
+    from llamapro.quant_export import heldout_windows
+    from llamapro.quantize import load_quantized_base, weight_bytes
+
+    torch.manual_seed(0)
+    new = read_metadata(Path(model_dir))["new_layer_indices"]
+    if kind == "fp32":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        pre = tuple(f"model.layers.{i}." for i in new)
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith(pre))
+    else:
+        model = load_quantized_base(model_dir, kind)
+    model.train()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    data = heldout_windows(tok, n=steps * batch, seq=seq, source="python-docs")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-4)
+    losses, t0 = [], None
+    for s in range(steps):
+        if s == 1:
+            t0 = time.perf_counter()  # the first step pays one-off costs (weight repacking)
+        ids = data[s * batch:(s + 1) * batch]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))
+    dt = (time.perf_counter() - t0) / max(1, steps - 1)
+    print(json.dumps({"kind": kind, "weight_bytes": weight_bytes(model),
+                      "trainable": sum(p.numel() for p in params),
+                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "s_per_step": dt, "losses": losses}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--child", nargs=2, metavar=("KIND", "MODEL_DIR"))
+    a = ap.parse_args()
+    if a.child:
+        return child(a.child[0], a.child[1], a.steps, a.seq, a.batch)
+
+    from llamapro import steps
+    from llamapro.demo import ensure_demo_model
+
+    print(f"# {time.strftime('%Y-%m-%d')}  {cpu_line()}")
+    print(f"# SmolLM2-135M-Instruct 30 -> 36 layers (6 new), {a.steps} AdamW steps, batch {a.batch} x {a.seq} "
+          "tokens of the Python tutorial; only the new blocks train")
+    work = Path(tempfile.mkdtemp(prefix="bench-qlora-"))
+    steps.expand(str(ensure_demo_model()), str(work / "grown"), blocks=6, strategy="even",
+                 progress=False, verify=False)
+    rows = []
+    for kind in ("fp32", "nf4", "int8"):
+        r = subprocess.run([sys.executable, __file__, "--child", kind, str(work / "grown"), "--steps",
+                            str(a.steps), "--seq", str(a.seq), "--batch", str(a.batch)],
+                           capture_output=True, text=True, cwd=str(ROOT))
+        if r.returncode != 0:
+            print(f"{kind} failed:\n{r.stderr[-2000:]}")
+            continue
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        print(f"  {kind} done", file=sys.stderr, flush=True)
+    base = rows[0]
+    print("\n| base | weights MiB | vs fp32 | peak RSS MiB | vs fp32 | s/step | vs fp32 | trainable params |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kind']} | {r['weight_bytes'] / 2**20:.0f} | {r['weight_bytes'] / base['weight_bytes']:.2f} | "
+              f"{r['peak_rss'] / 2**20:.0f} | {r['peak_rss'] / base['peak_rss']:.2f} | {r['s_per_step']:.2f} | "
+              f"{r['s_per_step'] / base['s_per_step']:.2f}x | {r['trainable']:,} |")
+    print("\nloss per step:")
+    for r in rows:
+        print(f"  {r['kind']:>5}: {' '.join(f'{x:.3f}' for x in r['losses'])}")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
