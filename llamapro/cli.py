@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_commands(sub)
     add_eval_commands(sub)
+    from .compare import add_compare_command
+
+    add_compare_command(sub)
     add_serve_commands(sub)
 
     f = sub.add_parser("fuse", help="a trained run as one standard HF model, with a fusion strength alpha",
