@@ -166,7 +166,8 @@ def _train(cfg, tc, out: Path, storage_path: str | None, sub: str) -> dict:
 # Overrides that turn any config into a ~3-minute smoke run of every step (tests use it).
 QUICK = ["train.max_tokens=0", "train.max_steps=4", "train.num_stages=2", "train.eval_every=2",
          "train.checkpoint_every=2", "train.eval_batches=1", "train.micro_batch_size=2",
-         "data.seq_len=128", "eval.max_blocks=4", "eval.max_prompts=3", "eval.max_new_tokens=8"]
+         "data.seq_len=128", "eval.max_blocks=4", "eval.max_prompts=3", "eval.max_new_tokens=8",
+         "eval.battery.limit=20"]
 
 
 def _say(msg: str) -> None:
