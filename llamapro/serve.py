@@ -221,9 +221,18 @@ class ModelServeConfig:
     """Overrides of ``serve.autoscaling`` for this model (merged key by key)."""
     vllm: dict = field(default_factory=dict)
     """Extra ``vllm.AsyncEngineArgs`` for the vLLM engine, e.g. {gpu_memory_utilization: 0.8}."""
+    packs: dict = field(default_factory=dict)
+    """{name: pack directory} (made by ``llamapro pack``) served on this model as their base: a
+    request naming a pack runs with its blocks, one naming this model gets the base exactly, and
+    rows of both share a batch on one replica that holds the base once. Each pack is checked against
+    the base by fingerprint when a replica starts; its blocks load on the first request for it
+    (Ray Serve model multiplexing). Transformers engine only."""
+    max_loaded_packs: int = 0
+    """Packs whose blocks one replica keeps at once (the least recently used is dropped beyond it,
+    and Serve prefers replicas that hold a request's pack); 0 = all of them."""
 
     def __post_init__(self):
-        for name in ("autoscaling", "vllm"):
+        for name in ("autoscaling", "vllm", "packs"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, dict):
                 raise ConfigError(f"{_key(name)}: expected a mapping, got {v!r}")
@@ -254,6 +263,24 @@ class ModelServeConfig:
                               "-1 (unbounded) or >= 0")
         if not 0 <= self.retry_after_s <= 3600:
             raise ConfigError(f"{_key('retry_after_s')}={self.retry_after_s}: must be in [0, 3600]")
+        packs = {}
+        for pname, ppath in (self.packs or {}).items():
+            pname = str(pname)
+            if not _NAME_RE.match(pname):
+                raise ConfigError(f"{_key('packs.' + pname)}: pack names use letters, digits, '.', "
+                                  "'_', '-' (clients send them as the model name)")
+            if not isinstance(ppath, str) or not ppath:
+                raise ConfigError(f"{_key('packs.' + pname)}: the pack's directory (from "
+                                  "`llamapro pack RUN OUT`)")
+            packs[pname] = ppath
+        self.packs = packs
+        if packs and self.engine == "vllm":
+            raise ConfigError(f"{_key('engine')}=vllm: packs are served by the transformers engine "
+                              "only; use engine: transformers (or auto) or apply the pack "
+                              "(`llamapro apply`) and serve the result as its own model")
+        if self.max_loaded_packs < 0:
+            raise ConfigError(f"{_key('max_loaded_packs')}={self.max_loaded_packs}: must be >= 0 "
+                              "(0 = all)")
 
     def ongoing_limit(self) -> int:
         return self.max_ongoing_requests or 2 * self.max_batch_size
@@ -422,19 +449,36 @@ class ServeConfig:
                 _PATH.reset(token)
             models[name] = m
         self.models = models
-        unknown = sorted(set(self.canary.weights) - set(models))
+        seen = set(models)
+        for name, m in models.items():
+            for pname in m.packs:
+                if pname in seen or pname == self.served_model_name:
+                    raise ConfigError(f"serve.models.{name}.packs.{pname}: the name is taken (by a "
+                                      "model, another pack or serve.served_model_name); clients "
+                                      "select a pack by its name, so names must be unique")
+                seen.add(pname)
+        names = list(self.routes())
+        unknown = sorted(set(self.canary.weights) - set(names))
         if unknown:
             raise ConfigError(f"serve.canary.weights: unknown model(s) {', '.join(unknown)}; "
-                              f"models are {', '.join(models)}")
+                              f"models and packs are {', '.join(names)}")
         if self.canary.weights and sum(self.canary.weights.values()) <= 0:
             raise ConfigError("serve.canary.weights: at least one weight must be > 0")
 
     # derived values
+    def routes(self) -> dict[str, tuple[str, str]]:
+        """{name clients send: (model deployment's model, pack or "" for the model itself)}."""
+        out = {}
+        for name, m in self.models.items():
+            out[name] = (name, "")
+            out.update({p: (name, p) for p in m.packs})
+        return out
+
     def weights(self) -> dict[str, float]:
-        """Normalised canary weights over every model (0 for models not listed)."""
+        """Normalised canary weights over every model and pack (0 for those not listed)."""
         w = self.canary.weights or {next(iter(self.models)): 1.0}
         total = sum(w.values())
-        return {name: w.get(name, 0.0) / total for name in self.models}
+        return {name: w.get(name, 0.0) / total for name in self.routes()}
 
     def autoscaling_of(self, name: str) -> AutoscalingConfig:
         token = _PATH.set(f"serve.models.{name}")
@@ -473,11 +517,16 @@ def absolutize_paths(cfg: ServeConfig, base: str | os.PathLike | None = None) ->
     """Make relative model paths that exist here absolute (replicas need not share our cwd).
     For local runs; a config meant for another cluster keeps the paths it was given."""
     root = Path(base or os.getcwd())
-    for m in cfg.models.values():
-        p = Path(m.path).expanduser()
-        if not m.path.startswith("demo:") and "://" not in m.path and not p.is_absolute() \
+    def local(path: str) -> str:
+        p = Path(path).expanduser()
+        if not path.startswith("demo:") and "://" not in path and not p.is_absolute() \
                 and (root / p).exists():
-            m.path = str((root / p).resolve())
+            return str((root / p).resolve())
+        return path
+
+    for m in cfg.models.values():
+        m.path = local(m.path)
+        m.packs = {n: local(p) for n, p in m.packs.items()}
     return cfg
 
 
@@ -493,7 +542,7 @@ _LIVE_MODEL = ("autoscaling", "max_batch_size", "batch_wait_timeout_s", "max_ong
 def _ingress_user_config(cfg: ServeConfig) -> dict:
     return {"weights": cfg.weights(), "seed": cfg.canary.seed,
             "limits": dataclasses.asdict(cfg.limits),
-            "retry_after_s": {n: m.retry_after_s for n, m in cfg.models.items()}}
+            "retry_after_s": {n: cfg.models[m].retry_after_s for n, (m, _) in cfg.routes().items()}}
 
 
 def _model_user_config(m: ModelServeConfig) -> dict:
@@ -502,7 +551,8 @@ def _model_user_config(m: ModelServeConfig) -> dict:
 
 def _ingress_spec(cfg: ServeConfig) -> dict:
     return {"alias": cfg.served_model_name, "api_key_env": cfg.api_key_env,
-            "api_key_file": cfg.api_key_file, "models": list(cfg.models)}
+            "api_key_file": cfg.api_key_file, "models": list(cfg.models),
+            "routes": {n: list(r) for n, r in cfg.routes().items()}}
 
 
 def _model_spec(cfg: ServeConfig, name: str) -> dict:
@@ -630,6 +680,17 @@ class ModelServerImpl:
         self.name = spec["name"]
         _set_threads(spec["threads"])
         self.engine = load_engine(spec)
+        self.packs = getattr(self.engine, "packs", None)
+        if self.packs is not None:
+            # Ray Serve's model multiplexing: Serve routes a pack's requests to replicas that hold
+            # it, calls this on a miss, and beyond the limit evicts the least recently used pack
+            # (_LoadedPack.__del__). Wired here so the limit can come from the config.
+            async def load_pack(pack: str):
+                return await self._load_pack(pack)
+
+            self._get_pack = serve.multiplexed(
+                max_num_models_per_replica=spec.get("max_loaded_packs") or len(self.packs.names())
+            )(load_pack)
         # One thread: a fast tokenizer is not safe to call from several threads at once.
         self._tokenizer = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"llamapro-tokenize-{self.name}")
@@ -660,10 +721,50 @@ class ModelServerImpl:
         return {"replica": self.replica, **(self.engine.stats() if hasattr(self.engine, "stats")
                                             else {})}
 
+    def memory(self) -> dict:
+        """This replica's process memory (RSS, USS: pages only it holds) and the model's weights,
+        counting shared (tied) tensors once; the packs whose blocks are loaded."""
+        import psutil
+
+        mi = psutil.Process().memory_full_info()
+        model = getattr(self.engine, "model", None)
+        seen, weights = set(), 0
+        for t in (model.parameters() if model is not None else ()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                weights += t.numel() * t.element_size()
+        return {"replica": self.replica, "pid": os.getpid(), "rss": mi.rss, "uss": mi.uss,
+                "weights_bytes": weights,
+                "pack_blocks_bytes": self.packs.block_bytes() if self.packs else 0,
+                "loaded_packs": list(self.packs.loaded) if self.packs else []}
+
+    async def _load_pack(self, pack: str) -> "_LoadedPack":
+        await asyncio.wrap_future(self.engine.call(lambda e: e.packs.load(pack)))
+        log.info("model %s: pack %s loaded (packs in memory: %s)", self.name, pack,
+                 self.packs.loaded)
+        return _LoadedPack(self.engine, pack)
+
+    async def _select_pack(self, p: Prepared) -> dict | None:
+        """The pack the request asked for (Serve's multiplexed model id; none = the base), loaded."""
+        pack = serve.get_multiplexed_model_id()
+        if not pack:
+            return None
+        if self.packs is None or pack not in self.packs.names():
+            return {"error": APIError(404, f"The model '{pack}' is not served by {self.name}",
+                                      param="model", code="model_not_found").to_dict()}
+        try:
+            await self._get_pack(pack)
+        except Exception as e:
+            log.exception("loading pack %s failed", pack)
+            return {"error": engine_error(e).to_dict()}
+        p.pack = pack
+        return None
+
     async def _prepare(self, req: dict):
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._tokenizer, self.engine.prepare, req), None
+            p = await loop.run_in_executor(self._tokenizer, self.engine.prepare, req)
+            return p, await self._select_pack(p)
         except APIError as e:
             return None, {"error": e.to_dict()}
         except Exception as e:  # a tokenizer or chat-template bug: the request fails, not the replica
@@ -733,6 +834,19 @@ class ModelServerImpl:
             yield {"error": e.to_dict()}
         finally:
             p.cancelled = True
+
+
+class _LoadedPack:
+    """What ``@serve.multiplexed`` caches per pack; Serve calls ``__del__`` when it evicts it."""
+
+    def __init__(self, engine, name: str):
+        self.engine, self.name, self.live = engine, name, True
+
+    def __del__(self):
+        if self.live:  # once: Serve calls it on eviction, the collector again later
+            self.live = False
+            name = self.name
+            self.engine.call(lambda e: e.packs.unload(name, e.pending_packs()))
 
 
 ModelServer = serve.deployment(ModelServerImpl, name="model")
@@ -844,15 +958,19 @@ class OpenAIIngressImpl:
 
     def __init__(self, spec: dict, models: dict):
         self.alias = spec["alias"]
-        self.models = models  # {name: DeploymentHandle}
+        # {name clients send: DeploymentHandle}; a pack's requests go to its base model's replicas,
+        # tagged with the pack as Serve's multiplexed model id
+        routes = spec.get("routes") or {n: [n, ""] for n in models}
+        self.models = {n: (models[m].options(multiplexed_model_id=p) if p else models[m])
+                       for n, (m, p) in routes.items()}
         try:
             app_name = serve.get_replica_context().app_name
         except Exception:
             app_name = ""
         self._key_digest = _api_key_digest(spec, app_name)  # the key itself is not kept
-        self.weights = {name: (1.0 if i == 0 else 0.0) for i, name in enumerate(models)}
+        self.weights = {name: (1.0 if i == 0 else 0.0) for i, name in enumerate(self.models)}
         self.limits = dataclasses.asdict(LimitsConfig())
-        self.retry_after = {name: 2.0 for name in models}
+        self.retry_after = {name: 2.0 for name in self.models}
         self._seed: Any = object()
         self.rng = random.Random()
         self.created = int(time.time())
@@ -1221,6 +1339,8 @@ def describe(cfg: ServeConfig) -> str:
         a = cfg.autoscaling_of(name)
         lines.append(f"  model {name}: {m.path}  weight {w[name]:.2f}  replicas "
                      f"{a.min_replicas}..{a.max_replicas}  batch {m.max_batch_size}")
+        for p, path in m.packs.items():
+            lines.append(f"    pack {p}: {path}  weight {w[p]:.2f}  (on the {name} replicas)")
     lines.append(f"  alias {cfg.served_model_name!r} (or no model) -> weighted choice")
     src = cfg.api_key_source()
     lines.append(f"  API key: {'required (from ' + src + ')' if src else 'none (open endpoint)'}")
