@@ -539,7 +539,10 @@ def train_loop(config: dict) -> None:
         elif bf16 and not ds_bf16:
             _hold_frozen_in(model, torch.bfloat16)
             gc.collect()
-        checkpointed = _apply_checkpointing(model, tc.gradient_checkpointing)
+        checkpointing = tc.gradient_checkpointing
+        if checkpointing == "auto":  # bf16 activations are half as big: keeping them pays
+            checkpointing = "off" if bf16 else "frozen"
+        checkpointed = _apply_checkpointing(model, checkpointing)
         chunked = (tc.chunked_loss and tc.zero_stage < 3 and tc.distill_weight == 0
                    and supports_chunked_loss(model))
         n_train = sum(p.numel() for g in groups for p in g["params"])
@@ -561,7 +564,8 @@ def train_loop(config: dict) -> None:
                   f"ZeRO-{tc.zero_stage}", flush=True)
         log({"event": "stage_start", "stage": k, "name": stage.name, "layers": stage.layers,
              "steps": stage.steps, "trainable_params": n_train, "total_params": n_all,
-             "optimizer_groups": group_sizes, "checkpointed_layers": checkpointed,
+             "optimizer_groups": group_sizes, "checkpointing": checkpointing,
+             "checkpointed_layers": checkpointed,
              "chunked_loss": chunked, "zero_stage": engine.zero_optimization_stage(), "dtype": dtype_info,
              "rss_at_start_bytes": rss_at_start, "rss_bytes": _rss(),
              "peak_rss_bytes": _peak_rss()})

@@ -8,7 +8,7 @@ from .errors import ConfigError
 
 MODES = ("llamapro", "full", "lora", "freeze_last_n")
 MODULE_SETS = ("all", "attn", "mlp")
-CHECKPOINTING = ("frozen", "all", "off")
+CHECKPOINTING = ("auto", "frozen", "all", "off")
 
 
 @dataclass
@@ -66,8 +66,10 @@ class TrainConfig:
     """Token budget of the whole run (all stages, all workers). 0: use max_steps."""
     max_steps: int = 20
     """Optimizer steps of the whole run when max_tokens is 0."""
-    gradient_checkpointing: str = "frozen"
-    """Recompute activations in backward instead of keeping them: "frozen" checkpoints the frozen
+    gradient_checkpointing: str = "auto"
+    """Recompute activations in backward instead of keeping them. "auto": "off" when the run
+    computes in bf16 (activations are half the size; measured on SmolLM2 30 -> 36, batch 4 x 256:
+    ~35% less CPU per step than "frozen" at a 2.07 GB worker peak), "frozen" in fp32. "frozen" checkpoints the frozen
     layers that lie above the lowest trainable one (they need their activations only to pass the
     gradient down, never for a weight gradient), "all" every layer from the lowest trainable one up,
     "off" none. Layers below the lowest trainable one never build a graph at all. (true/false are
