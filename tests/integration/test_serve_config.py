@@ -115,7 +115,8 @@ def test_build_app_from_its_own_args():
     assert ingress.name == "ingress"
     spec, handles = ingress.init_args
     assert spec == {"alias": "llamapro", "api_key_env": "LLAMAPRO_TEST_KEY", "api_key_file": "",
-                    "models": ["base", "expanded"]}
+                    "models": ["base", "expanded"],
+                    "routes": {"base": ["base", ""], "expanded": ["expanded", ""]}}
     assert {n: h._bound_deployment.name for n, h in handles.items()} == {
         "base": "model-base", "expanded": "model-expanded"}
     base = handles["base"]._bound_deployment
