@@ -214,10 +214,14 @@ def main() -> None:
         sampler = _Sampler()
         sampler.start()
         t0 = time.perf_counter()
-        run_training(tc, str(exp), str(out), ds, {}, seq_len=256, name=f"bench-{row}-{time.time_ns()}")
+        res = run_training(tc, str(exp), str(out), ds, {}, seq_len=256, name=f"bench-{row}-{time.time_ns()}")
         wall = time.perf_counter() - t0
         sampler.stop.set()
         sampler.join()
+        if res.error is not None or not (out / "metrics.jsonl").is_file():
+            print(f"[bench] {row}: FAILED ({str(res.error).splitlines()[0][:200] if res.error else 'no metrics'})",
+                  flush=True)
+            continue
         ev = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         st = [e for e in ev if e["event"] == "step"]
         start = [e for e in ev if e["event"] == "stage_start"][0]

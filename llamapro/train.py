@@ -408,6 +408,17 @@ def train_loop(config: dict) -> None:
     use_cuda = tc.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", ctx.get_local_rank()) if use_cuda else torch.device("cpu")
     compute_dtype, dtype_info = resolve_dtype(tc.dtype, device)
+    if tc.dtype == "auto" and world > 1:
+        # every worker probes its own device (a timed probe on a loaded machine can differ):
+        # bf16 only if all agree, or the ranks' collectives would disagree on sizes and hang/abort
+        import torch.distributed as dist
+
+        votes = torch.tensor([1 if compute_dtype == torch.bfloat16 else 0], dtype=torch.int32)
+        dist.all_reduce(votes, op=dist.ReduceOp.MIN)
+        if compute_dtype == torch.bfloat16 and not votes.item():
+            compute_dtype = torch.float32
+            dtype_info.update(compute="float32", reason=dtype_info["reason"] + "; another worker's "
+                              "probe found no native bf16, so every worker computes in fp32")
     bf16 = compute_dtype == torch.bfloat16
     # bf16: autocast over fp32 trainable blocks and bf16 frozen weights (measured faster than
     # DeepSpeed's bf16 mode, which also keeps the activations' elementwise work in bf16 and a
