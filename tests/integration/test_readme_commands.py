@@ -14,9 +14,12 @@ the test with the list of commands to add.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,9 +43,13 @@ def readme_commands(text: str) -> list[str]:
 
 # --- the workspace ---------------------------------------------------------------------------------
 
-DOMAIN = ("apt-get install {n}: Debian packages live in /var/cache/apt/archives; dpkg -i unpacks "
-          "package {n} and runs its maintainer scripts. ")
-RETENTION = "def f{n}(x):\n    return x * {n} + len(str(x))  # Python {n}\n"
+TEXTS = [  # one per source of a config, in its order: a domain, a replayed set, a held-out set ...
+    "apt-get install {n}: Debian packages live in /var/cache/apt/archives; dpkg -i unpacks "
+    "package {n} and runs its maintainer scripts. ",
+    "def f{n}(x):\n    return x * {n} + len(str(x))  # Python {n}\n",
+    "my $x{n} = shift; print \"perl {n}\\n\" if $x{n} =~ /\\d+/; # Perl {n}\n",
+    "SELECT {n} FROM t WHERE x > {n};  -- SQL {n}\n",
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +59,35 @@ def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme")
     (root / "jobs").symlink_to(REPO / "jobs", target_is_directory=True)
     base = make_base(root / "model", chat=True)
-    for name, tmpl in (("domain", DOMAIN), ("retention", RETENTION)):
-        with open(root / f"{name}.jsonl", "w") as f:
+    for i, tmpl in enumerate(TEXTS):
+        with open(root / f"corpus-{i}.jsonl", "w") as f:
             for n in range(300):
                 f.write(json.dumps({"text": tmpl.format(n=n) * 3}) + "\n")
-    sources = (f"data.sources=[{{name: debian-manuals, paths: ['{root}/domain.jsonl'], weight: 0.7, "
-               f"eval_fraction: 0.2}}, {{name: python-docs, paths: ['{root}/retention.jsonl'], "
-               f"weight: 0.3, eval_fraction: 0.2}}]")
-    tiny = [f"model.base={base}", sources, "data.seq_len=24", "data.actors=1"]
     train = ["expand.blocks=3", "train.max_tokens=0", "train.max_steps=3", "train.num_workers=1",
              "train.micro_batch_size=2", "train.eval_every=3", "train.eval_batches=1",
              "train.checkpoint_every=3", "train.patience=0"]
     ev = ["eval.max_blocks=2", "eval.max_prompts=2", "eval.max_new_tokens=4", "eval.batch_size=2"]
-    return {"root": root, "base": str(base), "tiny": tiny, "train": train, "eval": ev}
+    return {"root": root, "base": str(base), "train": train, "eval": ev}
+
+
+def tiny(ws, config) -> list[str]:
+    """Overrides that keep a shipped config's shape (its sources by name and weight, its gate)
+    but point it at the tiny model and small local corpora."""
+    import yaml
+
+    d = yaml.safe_load((REPO / config).read_text())
+    srcs = (d.get("data") or {}).get("sources") or []
+    assert len(srcs) <= len(TEXTS), f"{config} has {len(srcs)} sources: add texts to TEXTS"
+    sources = [{"name": s["name"], "paths": [str(ws["root"] / f"corpus-{i}.jsonl")],
+                "weight": s.get("weight", 1.0), "eval_fraction": 0.2} for i, s in enumerate(srcs)]
+    out = [f"model.base={ws['base']}", "data.seq_len=24", "data.actors=1"]
+    if sources:
+        out.append("data.sources=" + json.dumps(sources))
+    if ((d.get("eval") or {}).get("battery") or {}).get("enabled"):
+        out.append("eval.battery.enabled=false")  # 4 benchmark tasks: tests/unit/test_battery.py
+        if "max_accuracy_drop" in ((d.get("eval") or {}).get("gate") or {}):
+            out.append("eval.gate.max_accuracy_drop=null")  # what gates the battery goes with it
+    return out
 
 
 def cli(ws, argv, ok=(0,)):
@@ -75,13 +98,16 @@ def cli(ws, argv, ok=(0,)):
 
     cwd = os.getcwd()
     os.chdir(ws["root"])
+    err = io.StringIO()
     try:
-        code = main([str(a) for a in argv])
+        with contextlib.redirect_stderr(err):
+            code = main([str(a) for a in argv])
     except SystemExit as e:  # argparse
         code = e.code
     finally:
         os.chdir(cwd)
-    assert code in ok, f"`llamapro {shlex.join(map(str, argv))}` exited {code}"
+        sys.stderr.write(err.getvalue())
+    assert code in ok, f"`llamapro {shlex.join(map(str, argv))}` exited {code}: {err.getvalue()[-3000:]}"
     return code
 
 
@@ -134,16 +160,15 @@ def _scripts(ws):
 
 def _expand(ws):
     r, b = ws["root"], ws["base"]
-    cli(ws, ["expand", b, r / "exp-top", "--blocks", 2, "--strategy", "top", "-q"])
     cli(ws, ["expand", b, r / "exp", "--blocks", 2, "--positions", "1,4", "-q"])
-    for strategy in ("even", "bottom", "middle"):  # the same path; tests/unit/test_expansion.py runs them
+    for strategy in ("even", "top", "bottom", "middle"):  # the same path; tests/unit/test_expansion.py runs them
         parses(["expand", b, r / f"exp-{strategy}", "--blocks", 2, "--strategy", strategy])
     assert json.loads((r / "exp" / "llamapro.json").read_text())["new_layer_indices"] == [1, 4]
 
 
 def _verify(ws):
-    cli(ws, ["verify", ws["root"] / "exp"])
-    cli(ws, ["verify", ws["root"] / "exp", "--base", ws["base"]])
+    cli(ws, ["verify", ws["root"] / "exp", "--base", ws["base"], "--max-new-tokens", 4])
+    parses(["verify", ws["root"] / "exp"])  # the recorded base: the same proof
 
 
 def _strip(ws):
@@ -156,14 +181,14 @@ def _demo_model(ws, capsys):
 
 
 def _train(ws):
-    cli(ws, ["train", "--config", "jobs/configs/demo.yaml", *ws["tiny"], *ws["train"],
+    cli(ws, ["train", "--config", "jobs/configs/demo.yaml", *tiny(ws, "jobs/configs/demo.yaml"), *ws["train"],
              "train.zero_stage=3", "train.num_stages=1"])
     assert (ws["root"] / "runs/demo/model/llamapro.json").is_file()
 
 
 def _train_baseline(ws):
     # the staged demo config with --mode: a one-stage baseline at the same budget, as run.baselines
-    cli(ws, ["train", "--config", "jobs/configs/demo.yaml", *ws["tiny"], *ws["train"], "--mode", "full"])
+    cli(ws, ["train", "--config", "jobs/configs/demo.yaml", *tiny(ws, "jobs/configs/demo.yaml"), *ws["train"], "--mode", "full"])
     assert (ws["root"] / "runs/demo/baseline-full/model/config.json").is_file()
     for mode in ("lora", "freeze_last_n"):
         parses(["train", "--config", "jobs/configs/demo.yaml", "--mode", mode])
@@ -191,12 +216,13 @@ def _corpora(ws):
 
 
 def _preview(ws, capsys):
-    cli(ws, ["data", "preview", "--config", "jobs/configs/data_demo.yaml", *ws["tiny"], "--json"])
+    cli(ws, ["data", "preview", "--config", "jobs/configs/data_demo.yaml", *tiny(ws, "jobs/configs/data_demo.yaml"),
+             "--json"])
     assert json.loads(capsys.readouterr().out)
 
 
 def _eval(ws):
-    code = cli(ws, ["eval", "--config", "jobs/configs/eval_demo.yaml", *ws["tiny"], *ws["eval"], "-q"],
+    code = cli(ws, ["eval", "--config", "jobs/configs/eval_demo.yaml", *tiny(ws, "jobs/configs/eval_demo.yaml"), *ws["eval"], "-q"],
                ok=(0, 4))  # 4: the gate failed, as README says (3 random steps may go either way)
     res = json.loads((ws["root"] / "runs/demo/eval/results.json").read_text())
     assert res["gate"]["passed"] == (code == 0)
@@ -218,7 +244,7 @@ def _fuse(*args):
         tail = list(args)
         extra = []
         if "--config" in tail:  # dotted overrides go right after OUT
-            extra = [*ws["tiny"], *ws["eval"], "fuse.alphas=[0.0,1.0]"]
+            extra = [*tiny(ws, "jobs/configs/eval_demo.yaml"), *ws["eval"], "fuse.alphas=[0.0,1.0]"]
         cli(ws, ["fuse", "runs/demo", out, *extra, *tail, "-q"])
         assert (out / "llamapro.json").is_file()
     return run
