@@ -78,6 +78,8 @@ def main() -> None:
         ppl = perplexity(model, windows)
         tps = tokens_per_s(model, tok, a.new_tokens) if speed else None
         rows.append((name, size(path), ppl, tps))
+        print(f"  row: {name} | {rows[-1][1] / 2**20:.1f} MiB | ppl {ppl:.3f} | "
+              f"{f'{tps:.1f} tok/s' if tps else '-'}", flush=True)
         print(f"  measured {name} in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
 
     fp32 = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
