@@ -33,11 +33,25 @@ def suite_cache() -> Path:
 def pytest_configure(config) -> None:
     global _session_cache
     kept = suite_cache()
-    _session_cache = Path(tempfile.mkdtemp(prefix="llamapro-test-cache-"))
+    for stale in Path(tempfile.gettempdir()).glob("llamapro-test-cache-*-*"):
+        pid = stale.name.split("-")[3]
+        if pid.isdigit() and not _alive(int(pid)):  # a killed session's cache (links only)
+            shutil.rmtree(stale, ignore_errors=True)
+    _session_cache = Path(tempfile.mkdtemp(prefix=f"llamapro-test-cache-{os.getpid()}-"))
     for name in KEPT:
         (kept / name).mkdir(parents=True, exist_ok=True)
         (_session_cache / name).symlink_to(kept / name, target_is_directory=True)
     os.environ["LLAMAPRO_CACHE"] = str(_session_cache)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def pytest_unconfigure(config) -> None:
