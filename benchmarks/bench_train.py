@@ -191,6 +191,8 @@ def main() -> None:
           f"load average {cpu['load_avg'][0]:.1f} {cpu['load_avg'][1]:.1f} {cpu['load_avg'][2]:.1f}",
           flush=True)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench-train-"))
+    # the peers first (each in its own venv and processes), then ours, in this one invocation
+    peers = run_peers([p.strip() for p in a.peers.split(",") if p.strip()], a.steps)
     base = ensure_demo_model()
     exp = work / "expanded"
     if not (exp / "llamapro.json").is_file():
@@ -241,7 +243,6 @@ def main() -> None:
         print(f"[bench] {row}: {r['step_s']:.2f} s/step {r['tokens_per_s']:.0f} tok/s "
               f"worker {r['worker_peak_gb']:.2f} GB tree {r['tree_peak_gb']:.2f} GB", flush=True)
     ray.shutdown()
-    peers = run_peers([p.strip() for p in a.peers.split(",") if p.strip()], a.steps)
 
     ref = rows.get("naive", {}).get("losses")
     print(f"\nSmolLM2-135M expanded 30->36, batch 4x256, median of steps 3..{a.steps}; "
