@@ -390,8 +390,12 @@ def write_json_atomic(p: Path, obj, **dumps_kw) -> None:
 
     p = Path(p)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(json.dumps(obj, **dumps_kw) + "\n")
-    os.replace(tmp, p)
+    try:
+        tmp.write_text(json.dumps(obj, **dumps_kw) + "\n")
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no temporary beside p
+        raise
 
 
 def write_metadata(model_dir: Path, meta: dict) -> None:

@@ -63,6 +63,8 @@ def normalise_ratios(ratios, n: int) -> list[float]:
         raise ScheduleError(f"train.stage_ratios must be positive, got {r}")
     if not r:
         return [1.0 / n] * n
+    if n == 1 and len(r) == 1:
+        return [1.0]  # one stage is the whole budget, whatever share a staged config gave its first
     if len(r) == 1 and n > 1:
         if r[0] >= 1:
             raise ScheduleError(f"train.stage_ratios=[{r[0]}] leaves nothing for the other {n - 1} stages")

@@ -439,6 +439,7 @@ def run_trial(params: dict, plan: dict, shared: dict | None = None) -> None:
     from .checkpoint import read_metadata
     from .data import build_train_dataset, load_tokenizer
     from .pipeline import expand_step, expanded_dir, run_dir
+    from .steps import require_proven
     from .train import run_training
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -452,8 +453,9 @@ def run_trial(params: dict, plan: dict, shared: dict | None = None) -> None:
     # expansion inside the trial, from the base, streaming; a restarted trial reuses its own
     exp = expanded_dir(cfg)
     meta = read_metadata(exp) if exp.is_dir() else None
-    if meta is None or (cfg.expand.verify and "verification" not in meta):
+    if meta is None or (cfg.expand.verify and not (meta.get("verification") or {}).get("ok")):
         meta = expand_step(cfg, force=True, progress=False)
+    require_proven(meta, cfg.train.allow_unproven, str(exp))
     check_stages(cfg, len(meta["new_layer_indices"]))
     tc = cfg.train
     # every held-out evaluation is a Tune report (ASHA decides there) and a checkpoint

@@ -99,10 +99,10 @@ def work(tmp_path, monkeypatch):
     cfg = {
         "run": {"name": "tn", "output_dir": f"file://{shared}/runs"},
         "model": {"base": str(base)},
-        "expand": {"blocks": 2, "verify": False},
+        "expand": {"blocks": 2, "verify": False},  # training then needs train.allow_unproven
         "data": {"seq_len": 32, "actors": 1, "actor_resources": {"data": 1}, "sources": [
             {"name": "domain", "paths": [str(corpus)], "eval_fraction": 0.1}]},
-        "train": {"max_steps": MAX_STEPS, "checkpoint_every": EVERY, "eval_every": 100,
+        "train": {"allow_unproven": True, "max_steps": MAX_STEPS, "checkpoint_every": EVERY, "eval_every": 100,
                   "eval_batches": 1, "micro_batch_size": 2, "lr": 1e-3, "num_workers": 2,
                   "cpus_per_worker": WORKER_CPUS, "zero_stage": 2,
                   # 3, not 1: the restarted group may start before the cluster has noticed the
