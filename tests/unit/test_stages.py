@@ -92,3 +92,11 @@ def test_select_parameters_trains_only_the_stage_and_modules():
     g = select_parameters(copy.deepcopy(m), TrainConfig(original_lr=1e-6, train_norms=True), [2, 5], st[1])
     assert {x["name"] for x in g} == {"new_x1", "originals", "extra"}
     assert [x["lr"] for x in g if x["name"] == "originals"] == [1e-6]
+
+
+def test_one_stage_takes_the_whole_budget_whatever_the_staged_ratio():
+    # README's `train.num_stages=1` on the staged demo config (stage_ratios [0.3]) used to fail
+    # inside the Train worker with "must sum to 1"
+    assert normalise_ratios([0.3], 1) == [1.0]
+    with pytest.raises(ScheduleError, match="sum to 1"):
+        normalise_ratios([0.3, 0.3], 2)
