@@ -238,6 +238,30 @@ def _strip_export(ws, capsys):
     assert "bit for bit" in capsys.readouterr().out
 
 
+def _pack(ws):
+    cli(ws, ["pack", "runs/demo", "runs/demo-pack"])
+    assert json.loads((ws["root"] / "runs/demo-pack/pack.json").read_text())["positions"]
+
+
+def _apply(ws):
+    cli(ws, ["apply", ws["base"], "runs/demo-pack", "runs/demo-applied", "-q"])
+    assert (ws["root"] / "runs/demo-applied/llamapro.json").is_file()
+
+
+def _apply_stack(ws):
+    # two sibling packs of the same base: untrained expansions at different gaps, packed by name
+    for name, pos in (("math", "1"), ("med", "3")):
+        cli(ws, ["expand", ws["base"], f"exp-{name}", "--blocks", 1, "--positions", pos, "-q"])
+        cli(ws, ["pack", f"exp-{name}", f"{name}-pack"])
+    cli(ws, ["apply", ws["base"], "math-pack", "med-pack", "runs/both", "-q"])
+    assert len(json.loads((ws["root"] / "runs/both/llamapro.json").read_text())["new_layer_indices"]) == 2
+
+
+def _strip_pack(ws):
+    cli(ws, ["strip", "runs/both", "runs/med-only", "--pack", "math-pack", "-q"])
+    assert len(json.loads((ws["root"] / "runs/med-only/llamapro.json").read_text())["new_layer_indices"]) == 1
+
+
 def _fuse(*args):
     def run(ws):
         out = ws["root"] / "runs" / f"demo-fused-{len(list((ws['root'] / 'runs').glob('demo-fused*')))}"
@@ -309,6 +333,10 @@ COMMANDS = {
     "llamapro fuse runs/demo runs/demo-fused --method weighted --alpha 0.5": _fuse("--method", "weighted", "--alpha", "0.5"),
     "llamapro fuse runs/demo runs/demo-fused --method weighted --alpha auto --config jobs/configs/eval_demo.yaml":
         _fuse("--method", "weighted", "--alpha", "auto", "--config", "jobs/configs/eval_demo.yaml"),
+    "llamapro pack runs/demo runs/demo-pack": _pack,
+    "llamapro apply BASE runs/demo-pack runs/demo-applied": _apply,
+    "llamapro apply BASE math-pack med-pack runs/both": _apply_stack,
+    "llamapro strip runs/both runs/med-only --pack math-pack": _strip_pack,
     "llamapro serve --config jobs/configs/serve_demo.yaml": _serve,
     "serve run llamapro.serve:build_app": _serve_run,
     "ray get-auth-token --generate && ray up cluster.yaml -y && ray dashboard cluster.yaml &": _cluster,
