@@ -29,6 +29,7 @@ from . import storage
 from .checkpoint import METADATA_FILE, METADATA_VERSION, atomic_dir, copy_side_files, read_metadata
 from .config import from_dict
 from .fastloss import causal_lm_ce_sum, masked_ce_sum, supports_chunked_loss  # noqa: F401
+from .jsonl import append_record
 from .stages import allocate, build_stages
 from .train_config import TrainConfig
 
@@ -463,9 +464,8 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             if out_uri:  # this node may not be the one that wrote the metrics so far
                 storage.download(storage.join(out_uri, "metrics.jsonl"), out_dir / "metrics.jsonl")
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"event": "resume", "step": state["global_step"],
-                                    "stage": state["stage"]}) + "\n")
+            append_record(out_dir / "metrics.jsonl", {"event": "resume", "step": state["global_step"],
+                                                      "stage": state["stage"]})
             print(f"[llamapro] resuming at stage {state['stage']} step {state['step_in_stage']} "
                   f"(global step {state['global_step']})", flush=True)
 
@@ -480,8 +480,7 @@ def train_loop(config: dict) -> None:
 
     def log(rec):
         if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_record(metrics_path, rec)  # a full disk leaves no half line to merge
 
     def evaluate(engine) -> dict:
         engine.module.eval()
@@ -503,16 +502,20 @@ def train_loop(config: dict) -> None:
         return out
 
     def save(engine, metrics: dict, ds_valid: bool):
+        if config.get("report_metrics") is not None:  # e.g. the Tune objective (llamapro.tune)
+            metrics = {**metrics, **config["report_metrics"](metrics)}
         d = Path(tempfile.mkdtemp(prefix="llamapro-ckpt-"))
-        if ds_valid:
-            engine.save_checkpoint(str(d / "ds"), tag="state", exclude_frozen_parameters=True)
-        if rank == 0:
-            st = dict(state, ds_valid=ds_valid)
-            (d / STATE_FILE).write_text(json.dumps(st))
-            if trained:
-                save_file({k: v.contiguous() for k, v in trained.items()}, str(d / TRAINED_FILE))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
-        shutil.rmtree(d, ignore_errors=True)
+        try:  # a full disk mid-checkpoint must not leave the temporary behind
+            if ds_valid:
+                engine.save_checkpoint(str(d / "ds"), tag="state", exclude_frozen_parameters=True)
+            if rank == 0:
+                st = dict(state, ds_valid=ds_valid)
+                (d / STATE_FILE).write_text(json.dumps(st))
+                if trained:
+                    save_file({k: v.contiguous() for k, v in trained.items()}, str(d / TRAINED_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
         if rank == 0 and out_uri and metrics_path.is_file():  # progress visible beside the checkpoints
             storage.upload(metrics_path, storage.join(out_uri, "metrics.jsonl"))
 
@@ -720,7 +723,7 @@ def _write_final(config: dict, tc: TrainConfig, trained: dict, state: dict, stag
 def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_sets: dict | None = None,
                  seq_len: int = 256, name: str = "train", seed: int = 0, early_stop_on: str | None = None,
                  trust_remote_code: bool = False, storage_path: str | None = None,
-                 callbacks: list | None = None, model_uri: str | None = None,
+                 callbacks: list | None = None, report_metrics=None, model_uri: str | None = None,
                  out_uri: str | None = None):
     """Train and return the Ray Train ``Result``; the trained HF checkpoint lands in
     ``out_dir/model`` and per-step metrics in ``out_dir/metrics.jsonl``.
@@ -742,6 +745,10 @@ def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_s
     out.mkdir(parents=True, exist_ok=True)
     meta = read_metadata(Path(model_dir))
     new_layers = sorted(meta["new_layer_indices"]) if meta else []
+    if tc.mode == "llamapro":  # library callers too: never train an expansion whose proof did not pass
+        from .steps import require_proven
+
+        require_proven(meta, tc.allow_unproven, str(model_dir))
     if tc.mode == "llamapro" and not new_layers:
         raise ValueError(
             f"{model_dir} records no inserted layers (no {METADATA_FILE} from `llamapro expand`); "
@@ -749,7 +756,8 @@ def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_s
     config = {"train": asdict(tc), "model_dir": str(Path(model_dir).resolve()), "out_dir": str(out),
               "new_layers": new_layers, "seq_len": seq_len, "seed": seed,
               "eval_sets": eval_sets or {}, "early_stop_on": early_stop_on,
-              "trust_remote_code": trust_remote_code, "model_uri": model_uri, "out_uri": out_uri}
+              "trust_remote_code": trust_remote_code, "model_uri": model_uri, "out_uri": out_uri,
+              "report_metrics": report_metrics}
     storage_dir = storage_path or str(out / "ray")
     trainer = TorchTrainer(
         train_loop,

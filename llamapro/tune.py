@@ -341,32 +341,12 @@ class TrialObjective:
         return out
 
 
-def _callback_class(objective: TrialObjective) -> tuple[type, bool]:
-    """How a trial's Train run reports to Tune: Ray's stock ``TuneReportCallback``, with the
-    objective computed in the training loop (True). With a training loop that cannot compute it,
-    a subclass adds it on the way through ``after_report`` alone (False); never Ray's private
-    queue."""
-    import inspect
-
+def _reporting(objective: TrialObjective) -> dict:
+    """``run_training`` keywords of a trial: Ray's stock ``TuneReportCallback`` (made inside the
+    Tune trial) and the objective, computed in the training loop at every report."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train import run_training
-
-    if "report_metrics" in inspect.signature(run_training).parameters:
-        return TuneReportCallback, True
-
-    class ObjectiveReportCallback(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            m = {**metrics[0], **objective(metrics[0])}
-            super().after_report(run_context, [m, *metrics[1:]], checkpoint)
-
-    return ObjectiveReportCallback, False
-
-
-def _reporting(objective: TrialObjective) -> dict:
-    """``run_training`` keywords of a trial (the callback can only be made inside a Tune trial)."""
-    cls, in_loop = _callback_class(objective)
-    return {"callbacks": [cls()], **({"report_metrics": objective} if in_loop else {})}
+    return {"callbacks": [TuneReportCallback()], "report_metrics": objective}
 
 
 def trial_config(plan: dict, params: dict, trial_id: str) -> Config:
