@@ -319,6 +319,7 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .errors import TrainingError
     from .families import UnsupportedModelError
     from .strategies import PlacementError
 
@@ -327,6 +328,9 @@ def main(argv=None) -> int:
     except (ConfigError, PlacementError, CheckpointError, UnsupportedModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrainingError as e:  # the workers' own error lines, not Ray's wrapper traceback
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted; no partial output was left in place", file=sys.stderr)
         return 130

@@ -32,6 +32,7 @@ from .fastloss import causal_lm_ce_sum, masked_ce_sum, supports_chunked_loss  # 
 from .jsonl import append_record
 from .stages import allocate, build_stages
 from .train_config import TrainConfig
+from .errors import TrainingError
 
 STATE_FILE = "trainer_state.json"
 TRAINED_FILE = "trained.safetensors"
@@ -487,10 +488,12 @@ def train_loop(config: dict) -> None:
         out = {}
         with torch.no_grad():
             for name, (ids, labels) in eval_sets.items():
-                per = len(ids) // world
-                rows = slice(rank * per, rank * per + min(per, tc.eval_batches * tc.micro_batch_size))
+                # rows dealt round-robin: a set with fewer rows than workers is still scored whole
+                # (contiguous shares of len // world rows gave every rank none, and a loss of 0.0)
+                n_rows = tc.eval_batches * tc.micro_batch_size
                 tot = torch.zeros(2, dtype=torch.float64)
-                x, y = torch.as_tensor(ids[rows]), torch.as_tensor(labels[rows])
+                x = torch.as_tensor(ids[rank::world][:n_rows])
+                y = torch.as_tensor(labels[rank::world][:n_rows])
                 for i in range(0, len(x), tc.micro_batch_size):
                     with autocast():
                         s, n = causal_lm_ce_sum(engine.module, x[i:i + tc.micro_batch_size].to(device),
@@ -720,6 +723,21 @@ def _write_final(config: dict, tc: TrainConfig, trained: dict, state: dict, stag
 
 # --- the driver -----------------------------------------------------------------------------------
 
+def _training_failure(e, tc: TrainConfig, storage_dir: str, name: str) -> str:
+    """One readable paragraph for a failed fit: each worker's own last error line."""
+    failures = getattr(e, "worker_failures", None) or {}
+    lines = []
+    for rank, err in sorted(failures.items()):
+        last = [l for l in str(err).strip().splitlines() if l.strip()]
+        lines.append(f"  worker {rank}: {type(err).__name__}: {last[-1] if last else ''}")
+    if not lines:
+        last = [l for l in str(e).strip().splitlines() if l.strip()]
+        lines.append(f"  {last[-1] if last else type(e).__name__}")
+    return (f"training failed (after up to {tc.max_failures} restart(s) of the worker group):\n"
+            + "\n".join(lines) + f"\nRay Train's logs and checkpoints: {storage_dir}/{name}; once the "
+            "cause is fixed, the same command resumes from the latest checkpoint")
+
+
 def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_sets: dict | None = None,
                  seq_len: int = 256, name: str = "train", seed: int = 0, early_stop_on: str | None = None,
                  trust_remote_code: bool = False, storage_path: str | None = None,
@@ -753,6 +771,10 @@ def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_s
         raise ValueError(
             f"{model_dir} records no inserted layers (no {METADATA_FILE} from `llamapro expand`); "
             "train mode llamapro needs an expanded checkpoint, or use mode full/lora/freeze_last_n")
+    empty = [k for k, v in (eval_sets or {}).items() if not len(v["input_ids"])]
+    if empty:
+        raise ValueError(f"held-out set(s) {empty} have no rows: a loss over nothing would read as 0.0 "
+                         "and drive early stopping; give them data or leave them out")
     config = {"train": asdict(tc), "model_dir": str(Path(model_dir).resolve()), "out_dir": str(out),
               "new_layers": new_layers, "seq_len": seq_len, "seed": seed,
               "eval_sets": eval_sets or {}, "early_stop_on": early_stop_on,
@@ -773,7 +795,10 @@ def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_s
             callbacks=callbacks),  # e.g. Tune's TuneReportCallback (llamapro.tune)
         datasets={"train": train_ds},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:  # Train V2 raises instead of returning result.error
+        raise TrainingError(_training_failure(e, tc, storage_dir, name)) from e
     if out_uri and result.error is None:  # rank 0 may have run on another node
         for rel in ("model", "metrics.jsonl"):
             storage.download(storage.join(out_uri, rel), out / rel)

@@ -76,7 +76,8 @@ def trained(tmp_path_factory):
         lic = blocks_from_dataset(ray.data.from_items([{"input_ids": r, "labels": r} for r in retention]),
                                   8, "python-license")
         assert np.array_equal(np.sort(lic["input_ids"], axis=0), np.sort(retention, axis=0))
-        tc = TrainConfig(max_steps=6, num_stages=2, lr=3e-4, micro_batch_size=2, eval_every=3,
+        tc = TrainConfig(allow_unproven=True, max_steps=6, num_stages=2,  # expanded with verify=False above
+                         lr=3e-4, micro_batch_size=2, eval_every=3,
                          eval_batches=1, checkpoint_every=100, zero_stage=2)
         ev = {n: {"input_ids": v[:4].tolist(), "labels": v[:4].tolist()} for n, v in heldout.items()}
         res = run_training(tc, str(root / "exp"), str(root / "run"), ds, ev, seq_len=SEQ, name="smol-eval")

@@ -54,7 +54,7 @@ def test_report_with_real_plots(run):
         with Image.open(p) as im:
             assert im.size[0] > 200 and im.size[1] > 100
     res = json.loads((d / "eval" / "results.json").read_text())
-    assert set(res["sets"]) == {"debian-manuals", "python-docs"}
+    assert set(res["sets"]) == {"debian-manuals", "python-docs", "perl-docs"}  # perl-docs: not replayed
     assert all(s["base"]["ppl"] > 1 and s["trained"]["ppl"] > 1 for s in res["sets"].values())
 
 
@@ -108,3 +108,43 @@ def test_fused_model_is_half_way_and_loads_in_plain_transformers(run):
             "assert 'llamapro' not in sys.modules and m.config.num_hidden_layers == 36")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_the_runs_pack_applied_to_a_fresh_base_generates_like_the_export(run, tmp_path):
+    """The pipeline writes RUN/pack beside RUN/export: applied to a fresh copy of the base it gives
+    the export's tensors and the export's greedy answers, at a fraction of the size."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llamapro.cli import main
+    from llamapro.demo import ensure_demo_model
+
+    d, _ = run
+    s = json.loads((d / "summary.json").read_text())
+    assert s["pack"] and (d / "pack" / "pack.json").is_file()
+    fresh = tmp_path / "base"
+    shutil.copytree(ensure_demo_model(), fresh)
+    assert main(["apply", str(fresh), str(d / "pack"), str(tmp_path / "applied"), "-q"]) == 0
+
+    def weights(m):
+        out = {}
+        for f in sorted(Path(m).glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    a, e = weights(tmp_path / "applied"), weights(d / "export")
+    assert a.keys() == e.keys() and all(torch.equal(a[k], e[k].to(a[k].dtype)) for k in a)
+    pack_bytes = sum(f.stat().st_size for f in (d / "pack").iterdir())
+    assert pack_bytes < 0.2 * sum(f.stat().st_size for f in (d / "export").glob("*.safetensors"))
+    tok = AutoTokenizer.from_pretrained(str(d / "export"))
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    answers = []
+    for m in (tmp_path / "applied", d / "export"):
+        model = AutoModelForCausalLM.from_pretrained(str(m), dtype=torch.float32).eval()
+        with torch.no_grad():
+            answers.append(model.generate(**ids, max_new_tokens=12, do_sample=False)[0].tolist())
+    assert answers[0] == answers[1]

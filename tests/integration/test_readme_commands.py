@@ -238,6 +238,27 @@ def _strip_export(ws, capsys):
     assert "bit for bit" in capsys.readouterr().out
 
 
+def _compare(ws):
+    sets = [a for o in (*tiny(ws, "jobs/configs/eval_demo.yaml"), *ws["eval"]) for a in ("--set", o)]
+    cli(ws, ["compare", "--config", "jobs/configs/eval_demo.yaml", "--out", "runs/study",
+             "llamapro=runs/demo", "full=runs/demo/baseline-full", *sets])
+    assert (ws["root"] / "runs/study/compare.md").is_file() and (ws["root"] / "runs/study/pareto.png").is_file()
+
+
+def _export_gguf(ws, capsys):
+    # this workspace's tiny model has a character-level (WordLevel) tokenizer, which GGUF cannot
+    # carry: the command runs and refuses it cleanly (exit 2, nothing written). The byte-level BPE
+    # round trip through transformers is tests/unit/test_export_formats.py and the e2e on SmolLM2.
+    cli(ws, ["export", "runs/demo", "runs/demo-gguf", "--format", "gguf", "--quant", "q8_0", "-q"], ok=(2,))
+    assert "tokenizer" in capsys.readouterr().err.lower()
+    assert not (ws["root"] / "runs/demo-gguf").exists()
+
+
+def _export_int8(ws):
+    cli(ws, ["export", "runs/demo", "runs/demo-int8", "--format", "torchao-int8", "-q"])
+    assert "quantization_config" in json.loads((ws["root"] / "runs/demo-int8/config.json").read_text())
+
+
 def _pack(ws):
     cli(ws, ["pack", "runs/demo", "runs/demo-pack"])
     assert json.loads((ws["root"] / "runs/demo-pack/pack.json").read_text())["positions"]
@@ -333,6 +354,10 @@ COMMANDS = {
     "llamapro fuse runs/demo runs/demo-fused --method weighted --alpha 0.5": _fuse("--method", "weighted", "--alpha", "0.5"),
     "llamapro fuse runs/demo runs/demo-fused --method weighted --alpha auto --config jobs/configs/eval_demo.yaml":
         _fuse("--method", "weighted", "--alpha", "auto", "--config", "jobs/configs/eval_demo.yaml"),
+    "llamapro compare --config jobs/configs/eval_demo.yaml --out runs/study llamapro=runs/demo full=runs/demo/baseline-full":
+        _compare,
+    "llamapro export runs/demo runs/demo-gguf --format gguf --quant q8_0": _export_gguf,
+    "llamapro export runs/demo runs/demo-int8 --format torchao-int8": _export_int8,
     "llamapro pack runs/demo runs/demo-pack": _pack,
     "llamapro apply BASE runs/demo-pack runs/demo-applied": _apply,
     "llamapro apply BASE math-pack med-pack runs/both": _apply_stack,

@@ -40,7 +40,7 @@ def ray_local():
 def expanded(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
     tiny_model("llama", num_layers=4).save_pretrained(d / "base")
-    steps.expand(str(d / "base"), str(d / "exp"), blocks=2, strategy="even", progress=False, verify=False)
+    steps.expand(str(d / "base"), str(d / "exp"), blocks=2, strategy="even", progress=False)  # proven: training refuses unproven expansions
     return d
 
 
@@ -59,7 +59,9 @@ def _data(ray):
     ds = ray.data.from_items(_rows(256, 0))
     ev = _rows(16, 1)
     eval_sets = {"domain": {"input_ids": [r["input_ids"].tolist() for r in ev],
-                            "labels": [r["labels"].tolist() for r in ev]}}
+                            "labels": [r["labels"].tolist() for r in ev]},
+                 # fewer rows than workers: still scored (it used to read 0.0 on every rank)
+                 "one-row": {"input_ids": [ev[0]["input_ids"].tolist()], "labels": [ev[0]["labels"].tolist()]}}
     return ds, eval_sets
 
 
@@ -108,6 +110,7 @@ def test_staged_zero2_trains_only_new_blocks(ray_local, expanded):
     # loss falls on held-out data
     ev = [e["eval_loss"]["domain"] for e in _events(out, "eval")]
     assert ev[-1] < ev[0]
+    assert all(e["eval_loss"]["one-row"] > 0.1 for e in _events(out, "eval"))  # 2 workers, 1 row
     meta = json.loads((out / "model" / "llamapro.json").read_text())
     assert meta["kind"] == "trained" and meta["training"]["originals_frozen"]
     assert meta["new_layer_indices"] == [2, 5]
@@ -121,6 +124,10 @@ def test_staged_zero2_trains_only_new_blocks(ray_local, expanded):
 def test_other_zero_stages(ray_local, expanded, zero):
     out, res = _run(ray_local, expanded, f"zero{zero}", zero_stage=zero, max_steps=4, eval_every=2)
     assert res.error is None
+    assert [s["zero_stage"] for s in _events(out, "stage_start")] == [zero]  # the stage that ran
+    before, after = _tensors(expanded / "exp"), _tensors(out / "model")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("model.layers.2.", "model.layers.5.")) for k in changed)
     st = _events(out, "optimizer_state")[0]
     assert 2 * st["trainable_params"] <= st["numel"] <= 2 * st["trainable_params"] + 4096
     ev = [e["eval_loss"]["domain"] for e in _events(out, "eval")]
@@ -306,3 +313,16 @@ def test_bf16_training_keeps_originals_bit_identical_in_run_and_export(ray_local
                 i, rest = k[len("model.layers."):].split(".", 1)
                 k = f"model.layers.{place[int(i)]}.{rest}"
             assert torch.equal(tree[k], v), k
+
+
+def test_a_failing_worker_is_one_clear_error(ray_local, expanded, tmp_path):
+    """Train V2's fit() raises TrainingFailedError (it never returns result.error): the caller gets
+    the worker's own error line and where the logs are, not Ray's wrapper traceback."""
+    from llamapro.errors import TrainingError
+
+    missing = tmp_path / "no-such-deepspeed.json"
+    with pytest.raises(TrainingError) as e:
+        _run(ray_local, expanded, "fails", deepspeed_config=str(missing), max_failures=0, max_steps=2)
+    msg = str(e.value)
+    assert "worker 0:" in msg and "no-such-deepspeed.json" in msg
+    assert "Traceback" not in msg and "resumes" in msg
