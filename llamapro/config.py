@@ -84,7 +84,7 @@ class RunConfig:
     seed: int = 0
     baselines: list[str] = field(default_factory=list)
     """`llamapro run` also trains these baselines at the same token budget and evaluates them
-    beside LLaMA-Pro: any of full, lora, freeze_last_n (seed 001's comparison, measured)."""
+    beside LLaMA-Pro: any of full, lora, freeze_last_n (the comparison of methods, measured)."""
 
     def __post_init__(self):
         bad = [b for b in self.baselines if b not in ("full", "lora", "freeze_last_n")]

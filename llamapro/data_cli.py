@@ -69,7 +69,7 @@ def cmd_data_corpora(a) -> int:
 
 def _start_ray():
     """Connect to RAY_ADDRESS if set, else start a local cluster with spare logical CPUs: the
-    tokenizer actors must never wait for CPUs that nothing will free (DESIGN.md)."""
+    tokenizer actors must never wait for CPUs that nothing will free (Ray Data then starves silently)."""
     import ray
 
     if ray.is_initialized():

@@ -745,7 +745,7 @@ def _ensure_ray() -> bool:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
-    else:  # spare logical CPUs so Ray Data's tokenizer actors can start (DESIGN.md)
+    else:  # spare logical CPUs so Ray Data's tokenizer actors can start (they never get a CPU that Train holds)
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -1,6 +1,6 @@
 """``llamapro fuse RUN_OR_CHECKPOINT OUT``: a trained run as one standard model, with a fusion strength.
 
-Two methods (seed 000's ``fusion_method``):
+Two methods (``fusion_method`` in the LLaMA-Pro pipeline's terms):
 
 - ``residual``: the inserted blocks stay as trained, in the residual stream beside the originals
   (the plain LLaMA-Pro result). LoRA adapters are merged; the output is one standard HF directory.

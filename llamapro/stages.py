@@ -1,9 +1,9 @@
-"""The staged-unfreezing schedule (seed 001), as plain data. No torch, no ray.
+"""The staged-unfreezing schedule, as plain data. No torch, no ray.
 
 The inserted blocks are split, bottom to top, into ``num_stages`` contiguous groups. Stage ``k``
 trains group ``k`` (or groups ``0..k`` when cumulative), each group at ``lr * scale`` where the
 scale rises linearly from 1 at the bottom group to ``top_lr_scale`` at the top one (upper blocks
-may learn faster: seed 001's "top ~2x bottom"). Each stage gets its share of the token budget
+may learn faster: "top ~2x bottom"). Each stage gets its share of the token budget
 (``stage_ratios``) and may stop early on held-out loss. An optional final stage also trains the
 original layers at a tiny LR (the seeds' "micro-adjustment").
 

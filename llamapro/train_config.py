@@ -50,14 +50,14 @@ class TrainConfig:
     <= 1e-6 is the seeds' "micro-adjustment"."""
 
     lr: float = 5e-5
-    """Peak LR of the new blocks (seed 000: 2e-5..5e-5)."""
+    """Peak LR of the new blocks (LLaMA-Pro practice for long runs: 2e-5..5e-5)."""
     min_lr_ratio: float = 0.1
     """Cosine decays to lr * min_lr_ratio."""
     warmup_ratio: float = 0.05
     """Share of each stage's steps spent warming up linearly."""
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    """Gradient clipping (seed 001: 1.0). 0 disables."""
+    """Gradient clipping (1.0 is the usual choice). 0 disables."""
     micro_batch_size: int = 4
     """Packed blocks per worker per micro-step."""
     grad_accum: int = 1
@@ -89,7 +89,7 @@ class TrainConfig:
     autocast. float32 / bfloat16 force it (bf16 on a CPU without it is ~100x slower)."""
 
     num_stages: int = 1
-    """Groups of new blocks unfrozen bottom to top (seed 001); 1 = plain LLaMA-Pro."""
+    """Groups of new blocks unfrozen bottom to top; 1 = plain LLaMA-Pro."""
     stage_ratios: list[float] = field(default_factory=list)
     """Share of the step budget per stage: [] equal, [0.3] first stage 30% and the rest split
     evenly, or one value per stage summing to 1."""
@@ -110,7 +110,7 @@ class TrainConfig:
     data source (the new domain)."""
     patience: int = 0
     """Early stopping: end a stage after this many evaluations without improvement of the
-    new-domain held-out loss (seed 001: 2). 0 disables."""
+    new-domain held-out loss (e.g. 2). 0 disables."""
 
     distill_weight: float = 0.0
     """Weight of a KL term to the base model's distribution, computed by the same model with

@@ -12,7 +12,7 @@ promises: learn the new domain without forgetting,
 where the base's losses are the expanded model's at step 0 (its new blocks are identities), computed
 once per held-out set on the unexpanded base. ASHA stops trials whose objective trails at a rung.
 
-Tune over Train V2 (DESIGN.md): the trainable is a *function* that builds and fits a TorchTrainer
+Tune over Train V2: the trainable is a *function* that builds and fits a TorchTrainer
 (``run_training``) with a ``TuneReportCallback``, takes a custom resource for its driver (never
 ``{"CPU": 0}``), names its Train run after the trial id (stable across restarts, so a restored
 trial resumes its Train run), and the local cluster keeps its dashboard.
@@ -496,7 +496,7 @@ def ensure_tune_ray(cfg: Config, plan: dict) -> int | None:
         else:
             per = plan["trial_resources"]["CPU"]
             local = cfg.tune.max_concurrent or max(1, (os.cpu_count() or 1) // per)
-            # logical CPUs beyond the trials' own: Ray Data's actors must never starve (DESIGN.md)
+            # logical CPUs beyond the trials' own: Ray Data's actors must never starve (with every CPU held by Train they wait silently)
             extra = int(cfg.data.actors * cfg.data.cpus_per_actor) + 1
             init_local_ray(max(4, local * per + extra), {r: 100}, include_dashboard=True,
                            log_to_driver=True)

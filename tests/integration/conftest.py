@@ -4,7 +4,7 @@ seconds here, so every test shares one cluster).
 
 Four logical CPUs on this 2-core machine on purpose: two Train-style consumers hold one CPU each
 and Ray Data's tokenizer actors need the rest. With ``num_cpus=2`` the actors never start and
-nothing errors (DESIGN.md, "Ray Data starves silently").
+nothing errors (Ray Data starves silently).
 """
 
 import pytest
