@@ -86,7 +86,11 @@ def _config(d: Path, name: str, space: dict, **tune) -> Path:
             {"name": "ret", "paths": [str(d / "ret")], "weight": 0.3, "eval_fraction": 0.1}]},
         "train": {"max_steps": 8, "lr": GOOD_LR, "micro_batch_size": 4, "num_workers": 1,
                   "eval_every": 2, "eval_batches": 2, "checkpoint_every": 4, "zero_stage": 2,
-                  "warmup_ratio": 0.0},
+                  "warmup_ratio": 0.0,
+                  # fp32 on every machine: under bf16 (dtype auto where native) the frozen originals
+                  # are bf16-rounded, so a model that learned nothing sits ~5e-4 nats off the fp32
+                  # base and the hopeless trial's gain could not be checked at 1e-4
+                  "dtype": "float32"},
         "tune": {"num_samples": 1, "max_concurrent": 2, "forgetting_penalty": 1.0,
                  "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
                  "space": space, **tune},
