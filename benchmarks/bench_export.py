@@ -13,22 +13,14 @@ tokens/s is fp32's; their quantized speed is llama.cpp's to measure, their quali
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def cpu_line() -> str:
-    info = Path("/proc/cpuinfo").read_text()
-    name = re.search(r"model name\s*:\s*(.*)", info)
-    flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split())
-    keep = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
-    return f"{name.group(1) if name else '?'}, {os.cpu_count()} cores, flags {' '.join(keep)}"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_line  # noqa: E402
 
 
 def size(p: Path) -> int:

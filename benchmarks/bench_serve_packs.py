@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import socket
 import sys
 import tempfile
@@ -40,18 +38,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_line  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about rain.",
            "What is 12 times 7?", "Explain photosynthesis briefly.", "Who wrote Hamlet?",
            "What does a CPU do?", "Why is the sky blue?"]
-
-
-def cpu_line() -> str:
-    info = Path("/proc/cpuinfo").read_text()
-    name = re.search(r"model name\s*:\s*(.*)", info)
-    flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split())
-    keep = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
-    return f"{name.group(1) if name else '?'}, {os.cpu_count()} cores, flags {' '.join(keep)}"
 
 
 def free_port() -> int:
