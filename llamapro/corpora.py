@@ -125,7 +125,7 @@ def merge_small(sections: list[str], lo: int = MIN_DOC_CHARS) -> list[str]:
     return out
 
 
-# --- the two corpora ------------------------------------------------------------------------------
+# --- the corpora ----------------------------------------------------------------------------------
 
 def _read(path: str) -> str:
     data = gzip.open(path).read() if path.endswith(".gz") else Path(path).read_bytes()

@@ -36,7 +36,7 @@ def add_data_commands(subparsers) -> None:
     p.set_defaults(fn=cmd_data_preview)
 
     c = dsub.add_parser(
-        "corpora", help="build the demo corpora (debian-manuals, python-docs) as parquet shards",
+        "corpora", help="build the demo corpora (debian-manuals, python-docs, perl-docs) as parquet shards",
         description="Builds two real corpora from Debian documentation packages (installing "
                     "them with apt-get when missing): debian-manuals, the new domain, and "
                     "python-docs, the retention set. Each gets a README.md with its licence.")
