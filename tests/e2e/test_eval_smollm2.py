@@ -10,7 +10,6 @@ LICENSE.txt (English prose the model has seen). Tokenized with the model's token
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -19,21 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.unit.eval_support import eval_cli as _cli
+
 pytestmark = pytest.mark.e2e
 
 SEQ = 128
 REPO = Path(__file__).resolve().parents[2]
 STDLIB = Path(os.__file__).parent
-
-
-def _cli(argv) -> int:
-    from llamapro.eval_cli import add_eval_commands
-
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="cmd", required=True)
-    add_eval_commands(sub)
-    a = p.parse_args(argv)
-    return a.fn(a)
 
 
 def _pack(tok, texts) -> np.ndarray:

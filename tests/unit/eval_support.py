@@ -140,3 +140,16 @@ def greedy_blocks(model_dir: Path, n: int = 4, seed: int = 0, skip=None) -> dict
     labels = ids.copy()
     labels[:, :4] = -100  # score the model's own continuation, not the random start
     return {"input_ids": ids, "labels": labels}
+
+
+def eval_cli(argv) -> int:
+    """`llamapro` with only the eval step's commands (eval, export, ...), in-process: its exit code."""
+    import argparse
+
+    from llamapro.eval_cli import add_eval_commands
+
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    add_eval_commands(sub)
+    a = p.parse_args(argv)
+    return a.fn(a)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from llamapro.config import ConfigError
-from llamapro.eval_cli import add_eval_commands, load
+from llamapro.eval_cli import load
 from llamapro.eval_config import EXIT_GATE_FAILED, EvalConfig, GateConfig, LmEvalConfig
 from llamapro.evaluate import (
     EvalError,
@@ -26,7 +25,7 @@ from llamapro.evaluate import (
     require_lm_eval,
     resolve_base,
 )
-from eval_support import counting_blocks, greedy_blocks, make_run
+from eval_support import counting_blocks, eval_cli as _cli, greedy_blocks, make_run
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = REPO / "jobs" / "data" / "regression_prompts.jsonl"
@@ -194,14 +193,6 @@ def test_base_resolution(runs, tmp_path):
         resolve_base(same / "model", baseline, EvalConfig())
     with pytest.raises(EvalError, match="not a directory"):
         resolve_base(same / "model", meta, EvalConfig(base=str(tmp_path / "gone")))
-
-
-def _cli(argv) -> int:
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="cmd", required=True)
-    add_eval_commands(sub)
-    a = p.parse_args(argv)
-    return a.fn(a)
 
 
 def _eval_argv(root, run, *extra):

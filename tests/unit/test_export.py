@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -17,22 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from llamapro.checkpoint import content_digest
-from llamapro.eval_cli import add_eval_commands
 from llamapro.evaluate import check_gate, write_results
 from llamapro.eval_config import GateConfig
 from llamapro.export import export
 from llamapro.steps import strip
-from eval_support import make_run
+from eval_support import eval_cli as _cli, make_run
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _cli(argv) -> int:
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="cmd", required=True)
-    add_eval_commands(sub)
-    a = p.parse_args(argv)
-    return a.fn(a)
 
 
 def _tensors(d: Path) -> dict:

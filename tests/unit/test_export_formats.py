@@ -3,7 +3,6 @@ expanded Llama (real byte-level BPE tokenizer), read back by transformers itself
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -12,9 +11,9 @@ import torch
 
 from llamapro import steps
 from llamapro.checkpoint import read_metadata, write_metadata
-from llamapro.eval_cli import add_eval_commands
 from llamapro.gguf_export import GGUFExportError, export_gguf, permute_qk
 from tests.tiny_models import _COMMON, FAMILY_CONFIGS
+from tests.unit.eval_support import eval_cli as _cli
 
 VOCAB = 320
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -22,14 +21,6 @@ CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<
 TEXT = ("Debian is a free operating system. The apt tool installs packages and resolves their "
         "dependencies. Python is a programming language that lets you work quickly. ") * 8
 PROBE = "The apt tool installs Python packages quickly; Debian resolves 42 dependencies."
-
-
-def _cli(argv) -> int:
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="cmd", required=True)
-    add_eval_commands(sub)
-    a = p.parse_args(argv)
-    return a.fn(a)
 
 
 def bpe_tokenizer(out: Path):
