@@ -159,7 +159,7 @@ def run_child(args: list[str], env: dict) -> dict:
 def make_corpus(work: Path, factor: int) -> Path:
     """The demo corpora's shards, copied ``factor`` times (hard links would share page cache
     between copies only; real copies are read like a corpus 10x as large)."""
-    from llamapro.corpora import build_corpora, default_out
+    from llamapro.data.corpora import build_corpora, default_out
 
     build_corpora(say=lambda m: print(f"  {m}", flush=True))
     shards = sorted(default_out().glob("*/part-*.parquet"))

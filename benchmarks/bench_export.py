@@ -53,8 +53,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llamapro.demo import ensure_demo_model
-    from llamapro.export import export_format
-    from llamapro.quant_export import heldout_windows, perplexity
+    from llamapro.publish.export import export_format
+    from llamapro.publish.quant import heldout_windows, perplexity
 
     src = Path(a.model) if a.model else ensure_demo_model()
     print(f"# {time.strftime('%Y-%m-%d')}  {cpu_line()}  torch threads {torch.get_num_threads()}")

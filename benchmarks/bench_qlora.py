@@ -31,8 +31,8 @@ def child(kind: str, model_dir: str, steps: int, seq: int, batch: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llamapro.checkpoint import read_metadata
-    from llamapro.quant_export import heldout_windows
-    from llamapro.quantize import load_quantized_base, weight_bytes
+    from llamapro.publish.quant import heldout_windows
+    from llamapro.train.quantize import load_quantized_base, weight_bytes
 
     torch.manual_seed(0)
     new = read_metadata(Path(model_dir))["new_layer_indices"]
@@ -75,7 +75,7 @@ def main() -> None:
     if a.child:
         return child(a.child[0], a.child[1], a.steps, a.seq, a.batch)
 
-    from llamapro import steps
+    from llamapro.expand import api as steps
     from llamapro.demo import ensure_demo_model
 
     print(f"# {time.strftime('%Y-%m-%d')}  {cpu_line()}")

@@ -58,9 +58,9 @@ def build_pack(base: str, work: Path, blocks: int) -> tuple[Path, Path]:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from llamapro import steps
+    from llamapro.expand import api as steps
     from llamapro.checkpoint import write_metadata
-    from llamapro.pack import apply_packs, make_pack
+    from llamapro.publish.pack import apply_packs, make_pack
 
     trained, pack, applied = work / "trained", work / "pack", work / "applied"
     if not (applied / "config.json").is_file():
@@ -89,8 +89,8 @@ def req(prompt: str, tokens: int) -> dict:
 
 
 def gating(base: str, pack: Path, applied: Path, rows: int, tokens: int, rounds: int, threads: int):
-    from llamapro.serve_engine import TransformersEngine
-    from llamapro.serve_packs import ServePacks
+    from llamapro.serve.engine import TransformersEngine
+    from llamapro.serve.packs import ServePacks
 
     gated = TransformersEngine(base, threads=threads)
     gated.packs = ServePacks(gated.model, base, {"pack": str(pack)})

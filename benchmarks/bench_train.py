@@ -179,12 +179,12 @@ def main() -> None:
 
     import ray
 
-    from llamapro import steps
+    from llamapro.expand import api as steps
     from llamapro.config import DataConfig, SourceConfig
     from llamapro.data import build_train_dataset
     from llamapro.demo import ensure_demo_model
     from llamapro.train import run_training
-    from llamapro.train_config import TrainConfig
+    from llamapro.config.train import TrainConfig
 
     cpu = cpu_summary()
     print(f"CPU: {cpu['model']}, {cpu['cores']} cores, torch {cpu['torch_capability']}, flags "

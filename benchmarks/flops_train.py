@@ -51,9 +51,9 @@ def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from llamapro.checkpoint import read_metadata
-    from llamapro.fastloss import causal_lm_ce_sum
+    from llamapro.train.loss import causal_lm_ce_sum
     from llamapro.train import _apply_checkpointing, _decoder_layers, _load_model, select_parameters
-    from llamapro.train_config import TrainConfig
+    from llamapro.config.train import TrainConfig
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="an expanded checkpoint (default: expand the demo)")
@@ -64,7 +64,7 @@ def main() -> None:
     if model_dir is None:
         import tempfile
 
-        from llamapro import steps
+        from llamapro.expand import api as steps
         from llamapro.demo import ensure_demo_model
 
         model_dir = str(Path(tempfile.mkdtemp()) / "expanded")

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from llamapro.config import ConfigError, load_config
-from llamapro.data_cli import EXIT_BAD_INPUT, cmd_data_preview
+from llamapro.cli.data import EXIT_BAD_INPUT, cmd_data_preview
 from llamapro.pipeline import base_model_dir, ensure_demo_corpora
 
 

@@ -16,9 +16,9 @@ import sys
 from llamapro import storage
 from llamapro.checkpoint import CheckpointError
 from llamapro.config import ConfigError
-from llamapro.eval_cli import EXIT_BAD_INPUT, load
-from llamapro.eval_config import EXIT_GATE_FAILED
-from llamapro.evaluate import EvalError, format_results, run_eval
+from llamapro.cli.eval import EXIT_BAD_INPUT, load
+from llamapro.config.eval import EXIT_GATE_FAILED
+from llamapro.eval import EvalError, format_results, run_eval
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ when run.output_dir is a URI such as s3://bucket/runs; model.base may be one too
 import argparse
 import sys
 
-from llamapro import steps
+from llamapro.expand import api as steps
 from llamapro.config import load_config
 from llamapro.pipeline import expand_step
 

@@ -15,8 +15,8 @@ import sys
 from llamapro import storage
 from llamapro.checkpoint import CheckpointError
 from llamapro.config import ConfigError
-from llamapro.eval_cli import EXIT_BAD_INPUT, load
-from llamapro.export import export
+from llamapro.cli.eval import EXIT_BAD_INPUT, load
+from llamapro.publish.export import export
 
 
 def main(argv=None) -> int:

@@ -16,11 +16,11 @@ import sys
 from llamapro import storage
 from llamapro.checkpoint import CheckpointError
 from llamapro.config import ConfigError
-from llamapro.eval_cli import EXIT_BAD_INPUT, load
-from llamapro.eval_config import EXIT_GATE_FAILED
-from llamapro.evaluate import EvalError
-from llamapro.families import UnsupportedModelError
-from llamapro.fuse import NoAlphaPassesGate, format_fusion, run_fuse
+from llamapro.cli.eval import EXIT_BAD_INPUT, load
+from llamapro.config.eval import EXIT_GATE_FAILED
+from llamapro.eval import EvalError
+from llamapro.expand.families import UnsupportedModelError
+from llamapro.publish.fuse import NoAlphaPassesGate, format_fusion, run_fuse
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .families import (
+from llamapro.expand.families import (
     Family,
     UnsupportedModelError,
     expand_config,
@@ -33,7 +33,7 @@ from .families import (
     split_layer_key,
     strip_config,
 )
-from .strategies import Placement
+from llamapro.expand.strategies import Placement
 
 METADATA_FILE = "llamapro.json"
 METADATA_VERSION = 1

@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .config import default_cache_dir
+from llamapro.config import default_cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import os
 import posixpath
 from pathlib import Path
 
-from . import storage
+from llamapro import storage
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,13 @@ def expanded_dir(cfg) -> Path:
 
 def base_model_dir(cfg) -> str:
     """The base model as a local directory: demo:NAME converted once, a URI downloaded once."""
-    from .demo import resolve_model
+    from llamapro.demo import resolve_model
 
     return resolve_model(storage.localize(cfg.model.base))
 
 
 def expand_step(cfg, force: bool = True, progress: bool = True) -> dict:
-    from . import steps
+    from llamapro.expand import api as steps
 
     with storage.synced(cfg.run.run_dir(), push=["expanded"]):
         return steps.expand(base_model_dir(cfg), str(expanded_dir(cfg)), blocks=cfg.expand.blocks,
@@ -78,9 +78,9 @@ def expand_step(cfg, force: bool = True, progress: bool = True) -> dict:
 
 def eval_blocks(cfg, model_dir: str, per_source: int) -> dict:
     """A small, fixed set of held-out blocks per source (same tokens at every evaluation)."""
-    from .data import build_eval_dataset
+    from llamapro.data import build_eval_dataset
 
-    from .data import load_tokenizer
+    from llamapro.data import load_tokenizer
 
     tok = load_tokenizer(model_dir)  # once: loading costs seconds
     out = {}
@@ -98,7 +98,7 @@ def eval_blocks(cfg, model_dir: str, per_source: int) -> dict:
 
 def train_step(cfg, mode: str | None = None) -> dict:
     """Train the expanded model (mode llamapro) or a baseline on the base; returns a summary."""
-    from .train_config import baseline_of
+    from llamapro.config.train import baseline_of
 
     tc = cfg.train if mode is None else baseline_of(cfg.train, mode)
     sub = "" if tc.mode == "llamapro" else f"baseline-{tc.mode}"
@@ -124,16 +124,16 @@ def _uris(cfg, tc, sub: str) -> tuple[str | None, str | None]:
 
 
 def _train(cfg, tc, out: Path, storage_path: str | None, sub: str) -> dict:
-    from .data import build_train_dataset
-    from .train import run_training
+    from llamapro.data import build_train_dataset
+    from llamapro.train import run_training
 
     if tc.mode == "llamapro":
         model_dir = expanded_dir(cfg)
         if not (model_dir / "llamapro.json").is_file():
             log.info("no expanded checkpoint at %s yet: expanding first", model_dir)
             expand_step(cfg)
-        from .checkpoint import read_metadata
-        from .steps import require_proven
+        from llamapro.checkpoint import read_metadata
+        from llamapro.expand.api import require_proven
 
         require_proven(read_metadata(model_dir), tc.allow_unproven, where=str(model_dir))
     else:
@@ -145,10 +145,10 @@ def _train(cfg, tc, out: Path, storage_path: str | None, sub: str) -> dict:
     # the resolved config beside the run: lineage for the model card (data mixture, stages)
     import yaml
 
-    from .config import to_dict
+    from llamapro.config import to_dict
 
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    from .data import load_tokenizer
+    from llamapro.data import load_tokenizer
 
     train_ds = build_train_dataset(cfg.data, load_tokenizer(str(model_dir)))
     per = tc.eval_batches * tc.micro_batch_size * tc.num_workers
@@ -176,12 +176,12 @@ def _say(msg: str) -> None:
 
 def ensure_demo_corpora(cfg) -> None:
     """Build the demo corpora on first use when the config names them (demo:NAME paths)."""
-    from .config import default_cache_dir
+    from llamapro.config import default_cache_dir
 
     names = sorted({p.split(":", 1)[1] for s in cfg.data.sources for p in s.paths if p.startswith("demo:")})
     missing = [n for n in names if not (default_cache_dir() / "corpora" / n).is_dir()]
     if missing:
-        from .corpora import build_corpora
+        from llamapro.data.corpora import build_corpora
 
         _say(f"      building demo corpora {missing} (once)")
         build_corpora(names=missing, say=lambda m: None)
@@ -213,7 +213,7 @@ def serve_smoke(cfg, export_dir: Path, base_dir: str) -> dict:
 
     from ray import serve
 
-    from .serve import deploy, serve_config_from_dict
+    from llamapro.serve import deploy, serve_config_from_dict
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -235,7 +235,7 @@ def pack_beside_export(run: Path, out: Path, name: str) -> dict:
     """The run's new blocks as a pack (`llamapro apply BASE pack`); a run whose originals changed
     (trained norms, ...) has no pack: the export is then the only artifact, and the summary says
     why."""
-    from .pack import PackError, make_pack
+    from llamapro.publish.pack import PackError, make_pack
 
     try:
         res = make_pack(str(run), str(out), force=True, name=name)
@@ -249,7 +249,7 @@ def pack_beside_export(run: Path, out: Path, name: str) -> dict:
 def run_pipeline(cfg, quick: bool = False) -> dict:
     """expand -> verify -> train -> evaluate (gate) -> report -> export -> serve smoke."""
     if cfg.serve:  # fail before any work on a bad serve section
-        from .serve import serve_config_from_dict
+        from llamapro.serve import serve_config_from_dict
 
         serve_config_from_dict(dict(cfg.serve))
     # expand and train upload their own outputs; the rest goes up when the run succeeds
@@ -264,8 +264,8 @@ def _run_pipeline(cfg, rd: Path, quick: bool) -> dict:
     import json
     import time
 
-    from .evaluate import run_eval
-    from .export import export
+    from llamapro.eval import run_eval
+    from llamapro.publish.export import export
 
     t0 = time.perf_counter()
     summary: dict = {"run_dir": cfg.run.run_dir()}
@@ -301,7 +301,7 @@ def _run_pipeline(cfg, rd: Path, quick: bool) -> dict:
     summary["export"] = str(rd / "export")
     summary["pack"] = pack_beside_export(runs["llamapro"], rd / "pack", cfg.run.name)
     if cfg.fuse.enabled:  # optional: the alpha curve into the report, a fused model beside the export
-        from .fuse import run_fuse
+        from llamapro.publish.fuse import run_fuse
 
         _say(f"      fuse ({cfg.fuse.method}, alpha {cfg.fuse.alpha}) -> {rd / 'fused'}")
         fz = run_fuse(cfg, str(runs["llamapro"]), cfg.fuse.out or str(rd / "fused"), force=True)

@@ -25,8 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .checkpoint import CheckpointError
-from .config import default_cache_dir
+from llamapro.checkpoint import CheckpointError
+from llamapro.config import default_cache_dir
 
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 

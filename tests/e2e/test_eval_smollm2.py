@@ -40,11 +40,11 @@ def trained(tmp_path_factory):
     import ray
     from transformers import AutoTokenizer
 
-    from llamapro import steps
+    from llamapro.expand import api as steps
     from llamapro.demo import ensure_demo_model
-    from llamapro.evaluate import blocks_from_dataset
+    from llamapro.eval import blocks_from_dataset
     from llamapro.train import run_training
-    from llamapro.train_config import TrainConfig
+    from llamapro.config.train import TrainConfig
 
     root = tmp_path_factory.mktemp("smol-eval")
     base = ensure_demo_model()
@@ -93,7 +93,7 @@ def _png_ok(p: Path):
 
 def test_eval_report_export_rollback(trained, capsys):
     from llamapro.checkpoint import content_digest
-    from llamapro.steps import strip
+    from llamapro.expand.api import strip
 
     root, base = trained
     run = root / "run"
@@ -186,7 +186,7 @@ def test_knowledge_battery_on_the_demo_model_is_above_chance():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llamapro import battery as B
+    from llamapro.eval import battery as B
     from llamapro.demo import ensure_demo_model
 
     base = ensure_demo_model()

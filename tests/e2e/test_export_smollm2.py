@@ -5,8 +5,8 @@ with held-out perplexity on real text within 5% of the full-precision model's.""
 import pytest
 import torch
 
-from llamapro.gguf_export import export_gguf
-from llamapro.quant_export import heldout_windows, perplexity
+from llamapro.publish.gguf import export_gguf
+from llamapro.publish.quant import heldout_windows, perplexity
 
 pytestmark = pytest.mark.e2e
 

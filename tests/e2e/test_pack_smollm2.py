@@ -29,11 +29,11 @@ def test_pack_apply_to_a_fresh_base_generates_like_the_export(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
-    from llamapro import steps
+    from llamapro.expand import api as steps
     from llamapro.checkpoint import write_metadata
     from llamapro.cli import main
     from llamapro.demo import ensure_demo_model
-    from llamapro.export import export
+    from llamapro.publish.export import export
 
     base = ensure_demo_model()
     run = tmp_path / "run"

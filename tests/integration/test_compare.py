@@ -46,9 +46,9 @@ def test_compare_tiny_runs_table_plot_verdicts_and_resume(tmp_path, capsys):
                           "max_accuracy_drop": 1.0}}}))
     # held-out arrays are given per run through the eval CLI's --heldout; compare evaluates
     # from the config, so first evaluate each run with the arrays, then compare reuses them
-    from llamapro.compare import eval_digest
-    from llamapro.eval_cli import load
-    from llamapro.evaluate import run_eval, write_results
+    from llamapro.eval.compare import eval_digest
+    from llamapro.cli.eval import load
+    from llamapro.eval import run_eval, write_results
 
     c = load(str(cfg), [])
     c.eval.report = False

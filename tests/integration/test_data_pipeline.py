@@ -224,7 +224,7 @@ def test_instruction_data_masks_prompts(ray_start_4_cpus, tmp_path, tok):
 
 
 def test_preview_cli_json_and_table(ray_start_4_cpus, corpus, tmp_path, capsys):
-    from llamapro.data_cli import add_data_commands
+    from llamapro.cli.data import add_data_commands
     from llamapro.demo import ensure_demo_model
 
     root, _, _ = corpus
@@ -248,7 +248,7 @@ data:
     assert all(s["files"] == 2 and s["status"] == "ok" for s in report["sources"])
     assert report["ok"] and report["first_block"]["tokens"] == SEQ
 
-    from llamapro.data_cli import format_preview
+    from llamapro.cli.data import format_preview
 
     text = format_preview(report)
     assert "dom" in text and "first block (source" in text and "OK:" in text

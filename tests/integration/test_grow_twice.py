@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llamapro import steps
+from llamapro.expand import api as steps
 from llamapro.train import run_training
-from llamapro.train_config import TrainConfig
+from llamapro.config.train import TrainConfig
 from tests.tiny_models import tiny_model
 
 pytestmark = pytest.mark.integration

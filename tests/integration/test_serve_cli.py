@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 KEY = "sk-cli-test-key-42"
 # `llamapro serve` once the CLI registers it; until then the same handler through its own parser
 SHIM = ("import argparse, sys\n"
-        "from llamapro.serve_cli import add_serve_commands\n"
+        "from llamapro.cli.serve import add_serve_commands\n"
         "p = argparse.ArgumentParser(prog='llamapro')\n"
         "add_serve_commands(p.add_subparsers(dest='cmd'))\n"
         "a = p.parse_args(sys.argv[1:])\n"

@@ -143,7 +143,7 @@ def test_demo_config_loads_and_other_sections_stay_strict(tmp_path):
 
 
 def _cli(*argv):
-    from llamapro.serve_cli import add_serve_commands
+    from llamapro.cli.serve import add_serve_commands
 
     p = argparse.ArgumentParser()
     add_serve_commands(p.add_subparsers(dest="cmd"))

@@ -173,7 +173,7 @@ def test_a_text_prompt_beyond_the_embedding_is_a_clear_server_error(engine, monk
 
 
 def test_top_p_zero_is_greedy(engine):
-    from llamapro.serve_protocol import parse_sampling
+    from llamapro.serve.protocol import parse_sampling
 
     limits = {"max_tokens": 64, "default_max_tokens": 16}
     s = parse_sampling({"top_p": 0, "temperature": 1.5}, limits)

@@ -32,9 +32,9 @@ def make_pack_of(base: Path, root: Path, name: str, seed: int, **expand) -> tupl
     import torch
     from safetensors.torch import load_file, save_file
 
-    from llamapro import steps
+    from llamapro.expand import api as steps
     from llamapro.checkpoint import write_metadata
-    from llamapro.pack import make_pack
+    from llamapro.publish.pack import make_pack
 
     trained = root / f"trained-{name}"
     steps.expand(str(base), str(trained), verify=False, progress=False, **expand)
@@ -153,9 +153,9 @@ def test_serve_packs_in_process_load_unload_and_foreign_base(tmp_path):
     import torch
 
     from llamapro.checkpoint import fingerprint
-    from llamapro.pack import PackError
-    from llamapro.serve_engine import TransformersEngine
-    from llamapro.serve_packs import ServePacks
+    from llamapro.publish.pack import PackError
+    from llamapro.serve.engine import TransformersEngine
+    from llamapro.serve.packs import ServePacks
 
     base = make_tiny_chat_model(tmp_path / "base", seed=3, layers=2)
     other = make_tiny_chat_model(tmp_path / "other", seed=4, layers=2)

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llamapro import steps
+from llamapro.expand import api as steps
 from llamapro.train import run_training
-from llamapro.train_config import TrainConfig
+from llamapro.config.train import TrainConfig
 from tests.tiny_models import tiny_model
 
 pytestmark = pytest.mark.integration
@@ -282,7 +282,7 @@ def test_bf16_training_keeps_originals_bit_identical_in_run_and_export(ray_local
     """bf16 forced (hardware-independent): frozen originals computed in bf16, new blocks trained
     in fp32 masters; the run's model and its export take the originals from the checkpoints,
     bit for bit, never from the bf16 copy."""
-    from llamapro.export import export
+    from llamapro.publish.export import export
 
     out, res = _run(ray_local, expanded, "bf16", dtype="bfloat16", zero_stage=2, max_steps=4,
                     eval_every=2, checkpoint_every=2)

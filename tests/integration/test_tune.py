@@ -203,7 +203,7 @@ def test_baseline_is_the_expanded_models_step0_loss(experiment, workspace):
     each trial's expanded model's (its new blocks are identities)."""
     import torch
 
-    from llamapro.evaluate import heldout_loss, load_model
+    from llamapro.eval import heldout_loss, load_model
 
     exp_dir = Path(experiment["dir"])
     rows = _rows(experiment)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llamapro import steps
+from llamapro.expand import api as steps
 from llamapro.checkpoint import copy_side_files, read_metadata, write_metadata
 from tests.tiny_models import tiny_model
 
@@ -123,7 +123,7 @@ def greedy_blocks(model_dir: Path, n: int = 4, seed: int = 0, skip=None) -> dict
     given layers are skipped (the base of an expanded model)."""
     from transformers import AutoModelForCausalLM
 
-    from llamapro.expansion import skip_layers
+    from llamapro.expand.surgery import skip_layers
 
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(seed)
@@ -146,7 +146,7 @@ def eval_cli(argv) -> int:
     """`llamapro` with only the eval step's commands (eval, export, ...), in-process: its exit code."""
     import argparse
 
-    from llamapro.eval_cli import add_eval_commands
+    from llamapro.cli.eval import add_eval_commands
 
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)

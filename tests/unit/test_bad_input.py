@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from llamapro import steps
+from llamapro.expand import api as steps
 from llamapro.checkpoint import CheckpointError, atomic_dir, content_digest
-from llamapro.families import UnsupportedModelError
-from llamapro.strategies import PlacementError
+from llamapro.expand.families import UnsupportedModelError
+from llamapro.expand.strategies import PlacementError
 from tests.tiny_models import tiny_model
 
 
@@ -133,7 +133,7 @@ def test_killed_expansion_leaves_previous_output_intact(base_dir, tmp_path):
         "orig = c._copy_range\n"
         "def slow(*a, **k):\n    time.sleep(0.2); return orig(*a, **k)\n"
         "c._copy_range = slow\n"
-        f"from llamapro import steps; steps.expand({str(big)!r}, {str(out)!r}, blocks=3, force=True, progress=False)\n"
+        f"from llamapro.expand import api as steps; steps.expand({str(big)!r}, {str(out)!r}, blocks=3, force=True, progress=False)\n"
     )
     p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
 
@@ -171,7 +171,7 @@ def test_disk_full_during_expansion_keeps_the_previous_output_and_leaks_nothing(
     code = (
         "import resource, sys\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({shard // 2}, {shard // 2}))\n"
-        "from llamapro import steps\n"
+        "from llamapro.expand import api as steps\n"
         "try:\n"
         f"    steps.expand({str(base_dir)!r}, {str(out)!r}, blocks=3, force=True, progress=False)\n"
         "except OSError as e:\n"

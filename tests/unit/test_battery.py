@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from llamapro import battery as B
-from llamapro.battery import BatteryError
+from llamapro.eval import battery as B
+from llamapro.eval.battery import BatteryError
 from tests.tiny_models import tiny_model
 
 from eval_support import char_tokenizer

@@ -59,7 +59,7 @@ def test_train_mode_derives_the_baseline_as_the_pipeline_does():
 
     from llamapro.cli import build_parser
     from llamapro.config import ConfigError, load_config
-    from llamapro.train_config import TrainConfig, baseline_of
+    from llamapro.config.train import TrainConfig, baseline_of
 
     assert build_parser().parse_args(["train", "--config", "jobs/configs/demo.yaml", "--mode", "full"]).mode == "full"
     cfg = load_config("jobs/configs/demo.yaml")

@@ -52,7 +52,7 @@ def test_shipped_configs_load():
 def test_baselines_of_a_staged_config_keep_the_budget_and_drop_what_is_llamapro_only():
     """run.baselines=[full,lora] on the shipped demo (3 stages, stage ratios, top LR scale): each
     baseline trains one stage at the same steps, LR and batch instead of being refused."""
-    from llamapro.train_config import baseline_of
+    from llamapro.config.train import baseline_of
 
     tc = load_config("jobs/configs/demo.yaml").train
     assert tc.num_stages == 3 and tc.stage_ratios

@@ -7,7 +7,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from llamapro import corpora as C
+from llamapro.data import corpora as C
 from llamapro import data as D
 
 

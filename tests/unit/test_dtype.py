@@ -9,8 +9,8 @@ import torch
 
 from llamapro import train
 from llamapro.errors import ConfigError
-from llamapro.fastloss import causal_lm_ce_sum
-from llamapro.train_config import TrainConfig
+from llamapro.train.loss import causal_lm_ce_sum
+from llamapro.config.train import TrainConfig
 from tests.tiny_models import tiny_model
 
 CPU = torch.device("cpu")

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from llamapro.config import ConfigError
-from llamapro.eval_cli import load
-from llamapro.eval_config import EXIT_GATE_FAILED, EvalConfig, GateConfig, LmEvalConfig
-from llamapro.evaluate import (
+from llamapro.cli.eval import load
+from llamapro.config.eval import EXIT_GATE_FAILED, EvalConfig, GateConfig, LmEvalConfig
+from llamapro.eval import (
     EvalError,
     LmEvalUnavailable,
     check_gate,
@@ -256,7 +256,7 @@ def test_job_entrypoints_report_bad_input(tmp_path, capsys):
 def _battery(base_right: int, flipped: int, n: int = 400) -> dict:
     """A constructed battery result: the base answers ``base_right`` of ``n`` questions right, the
     trained model loses ``flipped`` of those (and gains none)."""
-    from llamapro.battery import compare_battery, wilson
+    from llamapro.eval.battery import compare_battery, wilson
 
     def res(items):
         k = items.count("1")
@@ -284,7 +284,7 @@ def test_gate_passes_a_drop_inside_the_noise_or_the_allowance():
     e = noisy["tasks"]["piqa"]["acc"]
     # rebuild with gains on other questions: 40 lost, 30 gained -> -2.5 points net (beyond the
     # allowed 2), but the paired interval holds 0
-    from llamapro.battery import paired_change
+    from llamapro.eval.battery import paired_change
     base = "1" * 250 + "0" * 150
     trained = "0" * 40 + "1" * 210 + "1" * 30 + "0" * 120
     e.update(paired_change(base, trained))

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from llamapro import steps
+from llamapro.expand import api as steps
 from llamapro.checkpoint import METADATA_FILE, content_digest, fingerprint
-from llamapro.expansion import check_identity, expand_model, find_layers, skip_layers
-from llamapro.strategies import plan
+from llamapro.expand.surgery import check_identity, expand_model, find_layers, skip_layers
+from llamapro.expand.strategies import plan
 from tests.tiny_models import FAMILY_CONFIGS, REQUIRED_FAMILIES, tiny_model
 
 CASES = [("even", 2), ("even", 3), ("top", 1), ("bottom", 2), ("middle", 5)]
@@ -144,7 +144,7 @@ def test_structure_check_in_a_child_process(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMAPRO_CACHE", str(tmp_path))
     base = tiny_model("llama", num_layers=4).config.to_dict()
     p = plan(4, 2, "even")
-    from llamapro.families import expand_config
+    from llamapro.expand.families import expand_config
 
     new, _ = expand_config(base, p)
     sources = {str(k): v for k, v in p.new_sources().items()}
@@ -199,7 +199,7 @@ def test_data_ranges_skip_holes(tmp_path):
 
 
 def _structure_inputs(layers=4, blocks=2, strategy="even"):
-    from llamapro.families import expand_config
+    from llamapro.expand.families import expand_config
 
     base = tiny_model("llama", num_layers=layers).config.to_dict()
     p = plan(layers, blocks, strategy)

@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from llamapro.checkpoint import content_digest
-from llamapro.evaluate import check_gate, write_results
-from llamapro.eval_config import GateConfig
-from llamapro.export import export
-from llamapro.steps import strip
+from llamapro.eval import check_gate, write_results
+from llamapro.config.eval import GateConfig
+from llamapro.publish.export import export
+from llamapro.expand.api import strip
 from eval_support import eval_cli as _cli, make_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,7 +168,7 @@ def slow_save(*args, **kw):  # write one shard, then dawdle: the parent kills us
     print(f"SHARD {n}", flush=True)
     time.sleep(2 if n < 2 else 600)
 mu.safe_save_file = slow_save
-from llamapro.export import export
+from llamapro.publish.export import export
 export(sys.argv[1], sys.argv[2], force=True, max_shard_size="50KB")
 print("FINISHED", flush=True)
 """

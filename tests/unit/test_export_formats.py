@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamapro import steps
+from llamapro.expand import api as steps
 from llamapro.checkpoint import read_metadata, write_metadata
-from llamapro.gguf_export import GGUFExportError, export_gguf, permute_qk
+from llamapro.publish.gguf import GGUFExportError, export_gguf, permute_qk
 from tests.tiny_models import _COMMON, FAMILY_CONFIGS
 from tests.unit.eval_support import eval_cli as _cli
 
@@ -212,7 +212,7 @@ def test_quantized_formats_that_need_a_gpu_refuse_on_cpu(grown, tmp_path, capsys
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_gptq_awq_export_on_gpu(grown, tmp_path, method):
-    from llamapro.quant_export import export_gptq
+    from llamapro.publish.quant import export_gptq
 
     out = tmp_path / method
     res = export_gptq(grown, out, method=method, texts=[TEXT[i:i + 200] for i in range(0, 1200, 200)])

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 from llamapro.checkpoint import content_digest, read_metadata, write_metadata
 from llamapro.cli import main
-from llamapro.eval_config import EvalConfig, GateConfig
-from llamapro.fuse import CURVE_PNG, FuseError, NoAlphaPassesGate, choose_alpha, fuse
-from llamapro.steps import strip
+from llamapro.config.eval import EvalConfig, GateConfig
+from llamapro.publish.fuse import CURVE_PNG, FuseError, NoAlphaPassesGate, choose_alpha, fuse
+from llamapro.expand.api import strip
 from eval_support import greedy_blocks, make_run
 from test_report import assert_real_png, images_of
 
@@ -54,7 +54,7 @@ def _new_block(sd: dict, j: int) -> torch.Tensor:
 def one_thread():
     """Tiny models on a shared 2-core machine: one torch thread is many times faster than two
     threads spinning against other processes (see eval.num_threads)."""
-    from llamapro.evaluate import torch_threads
+    from llamapro.eval import torch_threads
 
     with torch_threads(1):
         yield

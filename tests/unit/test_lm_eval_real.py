@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from llamapro.eval_config import EvalConfig, GateConfig, LmEvalConfig
-from llamapro.evaluate import evaluate_checkpoint, lm_eval_available
+from llamapro.config.eval import EvalConfig, GateConfig, LmEvalConfig
+from llamapro.eval import evaluate_checkpoint, lm_eval_available
 from tests.unit.eval_support import make_run
 
 pytestmark = pytest.mark.skipif(not lm_eval_available(),

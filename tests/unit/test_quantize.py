@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llamapro import steps
+from llamapro.expand import api as steps
 from llamapro.checkpoint import read_metadata
-from llamapro.quantize import QuantizeError, load_quantized_base, trainable_names, weight_bytes, write_full_precision
+from llamapro.train.quantize import QuantizeError, load_quantized_base, trainable_names, weight_bytes, write_full_precision
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llamapro.eval_config import EvalConfig, GateConfig
-from llamapro.evaluate import evaluate_checkpoint, load_prompts
+from llamapro.config.eval import EvalConfig, GateConfig
+from llamapro.eval import evaluate_checkpoint, load_prompts
 from llamapro.report import build_report, plot_stack
 from eval_support import counting_blocks, greedy_blocks, make_run
 
@@ -105,7 +105,7 @@ def test_battery_and_not_replayed_retention_in_results_gate_and_report(evaluated
     the gate's battery check, the replayed / not replayed names, and the report's table."""
     import json as _json
 
-    from llamapro.eval_config import BatteryConfig
+    from llamapro.config.eval import BatteryConfig
 
     root, run, _ = evaluated
     data = tmp_path / "battery"

@@ -8,7 +8,7 @@ import torch
 from fastapi import HTTPException
 from starlette.requests import Request
 
-from llamapro.serve_llm import (Limits, ServeLLMError, _check_request, build_llm_app, gpu_llm_available,
+from llamapro.serve.llm import (Limits, ServeLLMError, _check_request, build_llm_app, gpu_llm_available,
                                 llm_config)
 
 GPU_LLM, WHY = gpu_llm_available()

@@ -1,0 +1,3 @@
+from llamapro.cli import main
+
+raise SystemExit(main())

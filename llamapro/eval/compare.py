@@ -1,0 +1,322 @@
+"""``llamapro compare``: learning versus forgetting, method against method, from ordinary run dirs.
+
+    llamapro compare --config jobs/configs/eval_demo.yaml --out runs/study \\
+        llamapro=runs/demo full=runs/demo/baseline-full lora=runs/demo/baseline-lora
+
+Each LABEL=DIR is a trained run directory (``llamapro run`` / ``llamapro train`` / a ``llamapro
+tune`` trial; a baseline's ``baseline-<mode>/`` works too). Each is evaluated with the config's
+``eval`` section exactly as ``llamapro eval`` does (held-out sets: the domain set, the replayed and
+the not-replayed retention sets; the knowledge battery; greedy agreement) into its own
+``<run>/eval/results.json``; a run whose results were made with the same eval settings is not
+evaluated again, so an interrupted study resumes where it stopped. Then, in ``--out``:
+
+- ``compare.md`` / ``compare.csv`` / ``compare.json``: one row per run: method, learning rate,
+  training tokens, domain perplexity gain, perplexity rise of each retention set (replayed / not
+  replayed named), the battery's mean change and each task's change with its 95% interval, greedy
+  agreement, and a verdict per method against full fine-tuning and LoRA when they are present;
+- ``pareto.png``: domain gain against forgetting (battery drop, and the not-replayed retention
+  rise), one point per run, the Pareto frontier drawn.
+
+The verdict uses the issue's target: domain gain >= 90% of full fine-tuning's, battery drop and
+not-replayed retention rise at most a third of full fine-tuning's and no worse than LoRA's. A
+battery change whose paired interval holds 0 is called noise and counts as no change.
+
+Training the runs at an equal token budget, each method at its own best learning rate, is done
+by ``llamapro run`` with ``run.baselines`` (same budget, same data) at the LRs a Tune sweep chose.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+
+from llamapro.checkpoint import read_metadata, write_json_atomic
+
+RESULTS = "compare.json"
+
+
+class CompareError(ValueError):
+    """Bad input to ``llamapro compare`` (a missing run, a label twice); exit code 2."""
+
+
+def parse_runs(items: list[str]) -> dict[str, Path]:
+    runs: dict[str, Path] = {}
+    for it in items:
+        label, sep, path = it.partition("=")
+        if not sep or not label or not path:
+            raise CompareError(f"{it!r}: give runs as LABEL=RUN_DIR (e.g. full=runs/demo/baseline-full)")
+        if label in runs:
+            raise CompareError(f"label {label!r} given twice")
+        p = Path(path)
+        if not (p / "model" / "config.json").is_file():
+            raise CompareError(f"{label}: {p} is not a trained run directory (no model/config.json)")
+        runs[label] = p
+    if not runs:
+        raise CompareError("give at least one LABEL=RUN_DIR")
+    return runs
+
+
+def eval_digest(cfg) -> str:
+    """What an evaluation's numbers depend on: the eval section (output paths aside) and data."""
+    from dataclasses import asdict
+
+    ec = asdict(cfg.eval)
+    for k in ("output_dir", "report", "checkpoint"):
+        ec.pop(k, None)
+    data = asdict(cfg.data) if getattr(cfg, "data", None) else None
+    return hashlib.sha256(json.dumps([ec, data], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def evaluate_run(cfg, run: Path, say=None) -> dict:
+    """The run's eval results: reused when made with the same settings, else ``run_eval``."""
+    from llamapro.eval import read_results, run_eval, write_results
+
+    digest = eval_digest(cfg)
+    old = read_results(run)
+    if old and old.get("compare_digest") == digest:
+        (say or (lambda m: None))(f"{run}: evaluated before with the same settings, reused")
+        return old
+    res = run_eval(cfg, run_dir=str(run), say=say)
+    res["compare_digest"] = digest
+    write_results(Path(res["results_path"]).parent, res)
+    return res
+
+
+def _run_facts(run: Path) -> dict:
+    meta = read_metadata(run / "model") or {}
+    tr = meta.get("training") or {}
+    facts = {"mode": tr.get("mode"), "lr": (tr.get("config") or {}).get("lr"),
+             "tokens": tr.get("tokens"), "new_layers": meta.get("new_layer_indices") or []}
+    cfgp = run / "config.yaml"
+    if cfgp.is_file():
+        import yaml
+
+        t = (yaml.safe_load(cfgp.read_text()) or {}).get("train") or {}
+        facts["lr"] = facts["lr"] if facts["lr"] is not None else t.get("lr")
+        facts["mode"] = facts["mode"] or t.get("mode")
+    mp = run / "metrics.jsonl"
+    if facts["tokens"] is None and mp.is_file():
+        for line in mp.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("tokens"), (int, float)):
+                facts["tokens"] = max(facts["tokens"] or 0, int(rec["tokens"]))
+    return facts
+
+
+def row_of(label: str, run: Path, res: dict) -> dict:
+    """One table row from a run's eval results."""
+    sets = res.get("sets") or {}
+    dom = [s for s in sets.values() if s["role"] == "domain"]
+    ret = {n: s for n, s in sets.items() if s["role"] == "retention"}
+    row = {"label": label, "run": str(run), **_run_facts(run)}
+    row["domain_gain"] = (sum(-s["ppl_change"] for s in dom) / len(dom)) if dom else None
+    for n, s in ret.items():
+        row[f"retention_rise/{n}"] = s["ppl_change"]
+    nr = [s["ppl_change"] for s in ret.values() if s.get("replayed") is False]
+    rp = [s["ppl_change"] for s in ret.values() if s.get("replayed")]
+    row["not_replayed_rise"] = max(nr) if nr else None
+    row["replayed_rise"] = max(rp) if rp else None
+    row["not_replayed_sets"] = [n for n, s in ret.items() if s.get("replayed") is False]
+    row["replayed_sets"] = [n for n, s in ret.items() if s.get("replayed")]
+    bat = (res.get("battery") or {}).get("tasks") or {}
+    row["battery"] = {}
+    for t, e in bat.items():
+        v = e[e["metric"]]
+        row["battery"][t] = {"metric": e["metric"], "base": v["base"], "trained": v["trained"],
+                             "change": v["change"], "ci": v["ci"], "noise": v["noise"], "n": e["n"]}
+    # the battery's drop: mean over tasks, a change inside the noise counted as none
+    row["battery_drop"] = (sum(0.0 if b["noise"] else -b["change"] for b in row["battery"].values())
+                           / len(row["battery"])) if row["battery"] else None
+    row["battery_raw_drop"] = (sum(-b["change"] for b in row["battery"].values()) / len(row["battery"])
+                               if row["battery"] else None)
+    g = res.get("greedy") or {}
+    row["greedy_exact"] = g.get("exact_match")
+    row["gate_passed"] = (res.get("gate") or {}).get("passed")
+    return row
+
+
+def _forgetting(r: dict) -> float | None:
+    """The x axis: the battery's drop when scored, else the not-replayed retention rise."""
+    return r["battery_raw_drop"] if r.get("battery_raw_drop") is not None else r.get("not_replayed_rise")
+
+
+def _ref(rows: list[dict], mode: str) -> dict | None:
+    cands = [r for r in rows if r.get("mode") == mode and r["domain_gain"] is not None]
+    return max(cands, key=lambda r: r["domain_gain"]) if cands else None
+
+
+def verdicts(rows: list[dict]) -> dict[str, str]:
+    """A sentence per run against the target (>= 90% of full FT's gain; battery drop and
+    not-replayed rise <= a third of full FT's and <= LoRA's)."""
+    full, lora = _ref(rows, "full"), _ref(rows, "lora")
+    out = {}
+    for r in rows:
+        if r["domain_gain"] is None:
+            out[r["label"]] = "not evaluated on a domain set"
+            continue
+        parts = [f"domain gain {r['domain_gain']:+.1%}"]
+        ok = True
+        if full and r is not full and full["domain_gain"] > 0:
+            share = r["domain_gain"] / full["domain_gain"]
+            parts.append(f"{share:.0%} of full fine-tuning's")
+            ok &= share >= 0.9
+        for key, name in (("battery_drop", "battery drop beyond noise"),
+                          ("not_replayed_rise", "not-replayed retention rise")):
+            v = r.get(key)
+            if v is None:
+                continue
+            txt = f"{name} {v:+.3f}" if key == "battery_drop" else f"{name} {v:+.2%}"
+            if full and r is not full and full.get(key) is not None:
+                lim = max(0.0, full[key]) / 3
+                txt += f" (full FT {full[key]:+.3g}; a third: {lim:.3g})"
+                ok &= v <= lim + 1e-12
+            if lora and r is not lora and lora.get(key) is not None:
+                ok &= v <= max(0.0, lora[key]) + 1e-12
+            parts.append(txt)
+        nb = [t for t, b in r["battery"].items() if not b["noise"]]
+        parts.append("battery changes all inside the noise" if r["battery"] and not nb else
+                     f"battery changes beyond the noise on {', '.join(nb)}" if nb else "no battery")
+        is_ref = r is full or r is lora
+        head = ("reference" if is_ref else "meets the target" if (ok and full)
+                else "misses the target" if full else "no full fine-tuning run to compare with")
+        out[r["label"]] = f"{head}: " + "; ".join(parts)
+    return out
+
+
+def plot_pareto(rows: list[dict], path: Path) -> bool:
+    from matplotlib.figure import Figure
+
+    from llamapro.tune import pareto_front
+
+    pts = [r for r in rows if r["domain_gain"] is not None and _forgetting(r) is not None]
+    if not pts:
+        return False
+    by_battery = any(r.get("battery_raw_drop") is not None for r in pts)
+    fig = Figure(figsize=(9, 6), dpi=110, layout="constrained")
+    ax = fig.subplots()
+    colors = {"llamapro": "#1f77b4", "full": "#d62728", "lora": "#2ca02c", "freeze_last_n": "#9467bd"}
+    for r in pts:
+        ax.scatter(_forgetting(r), r["domain_gain"], s=70, zorder=3,
+                   color=colors.get(r.get("mode"), "#7f7f7f"))
+        ax.annotate(f"{r['label']} (lr {r['lr']})" if r.get("lr") is not None else r["label"],
+                    (_forgetting(r), r["domain_gain"]), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points")
+    front = [pts[i] for i in pareto_front([(_forgetting(r), r["domain_gain"]) for r in pts])]
+    ax.plot([_forgetting(r) for r in front], [r["domain_gain"] for r in front], "-", color="#ff7f0e",
+            lw=1.5, zorder=2, label="Pareto frontier (less forgetting, more gain)")
+    for mode, c in colors.items():
+        if any(r.get("mode") == mode for r in pts):
+            ax.scatter([], [], color=c, label=mode)
+    ax.axvline(0, color="#c7c7c7", lw=0.8)
+    ax.axhline(0, color="#c7c7c7", lw=0.8)
+    ax.set_xlabel("forgetting: mean knowledge-battery accuracy drop (points of accuracy)" if by_battery
+                  else "forgetting: not-replayed retention perplexity rise")
+    ax.set_ylabel("domain gain: relative fall of the domain set's perplexity")
+    ax.set_title("Learning versus forgetting, one point per run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+    return True
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{v:+.2%}"
+
+
+def table_md(rows: list[dict], verdict: dict) -> str:
+    tasks = sorted({t for r in rows for t in r["battery"]})
+    head = (["run", "mode", "lr", "tokens", "domain ppl gain", "not-replayed rise", "replayed rise"]
+            + [f"{t} change [95% CI]" for t in tasks] + ["greedy exact", "gate"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["label"], str(r.get("mode")), str(r.get("lr")), f"{r['tokens']:,}" if r.get("tokens") else "?",
+                 _pct(r["domain_gain"]), _pct(r["not_replayed_rise"]), _pct(r["replayed_rise"])]
+        for t in tasks:
+            b = r["battery"].get(t)
+            cells.append("—" if not b else f"{b['trained']:.3f} ({b['change']:+.3f} [{b['ci'][0]:+.3f}, "
+                                           f"{b['ci'][1]:+.3f}]{', noise' if b['noise'] else ''})")
+        cells += ["—" if r["greedy_exact"] is None else f"{r['greedy_exact']:.0%}",
+                  {True: "pass", False: "FAIL", None: "—"}[r["gate_passed"]]]
+        lines.append("| " + " | ".join(cells) + " |")
+    nr = sorted({n for r in rows for n in r["not_replayed_sets"]})
+    rp = sorted({n for r in rows for n in r["replayed_sets"]})
+    out = ["# Learning versus forgetting\n",
+           f"Not-replayed retention sets (forgetting): {', '.join(nr) or 'none'}. Replayed (in the "
+           f"training mixture): {', '.join(rp) or 'none'}. Battery: zero-shot multiple-choice accuracy, "
+           "change vs the base with a paired 95% interval.\n", "\n".join(lines), "\n## Verdicts\n"]
+    out += [f"- **{k}**: {v}" for k, v in verdict.items()]
+    return "\n".join(out) + "\n\n![Pareto plot](pareto.png)\n"
+
+
+def run_compare(cfg, runs: dict[str, Path], out_dir, say=None) -> dict:
+    """Evaluate (or reuse) every run, then write the table, the plot and the verdicts."""
+    say = say or (lambda m: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, run in runs.items():
+        say(f"[compare] {label}: {run}")
+        rows.append(row_of(label, run, evaluate_run(cfg, run, say)))
+    verdict = verdicts(rows)
+    plotted = plot_pareto(rows, out / "pareto.png")
+    md = table_md(rows, verdict)
+    (out / "compare.md.tmp").write_text(md)
+    (out / "compare.md.tmp").replace(out / "compare.md")
+    buf = io.StringIO()
+    flat = [{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in rows]
+    w = csv.DictWriter(buf, fieldnames=sorted({k for r in flat for k in r}))
+    w.writeheader()
+    w.writerows(flat)
+    (out / "compare.csv.tmp").write_text(buf.getvalue())
+    (out / "compare.csv.tmp").replace(out / "compare.csv")
+    summary = {"rows": rows, "verdicts": verdict, "pareto_png": str(out / "pareto.png") if plotted else None,
+               "table": str(out / "compare.md")}
+    write_json_atomic(out / RESULTS, summary, indent=2, default=str)
+    return summary
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+def add_compare_command(subparsers) -> None:
+    c = subparsers.add_parser(
+        "compare", help="learning vs forgetting: evaluate trained runs side by side (table, Pareto plot, "
+                        "verdicts)",
+        description=__doc__.split("\n\n")[0])
+    c.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR",
+                   help="trained run directories, e.g. llamapro=runs/demo full=runs/demo/baseline-full")
+    c.add_argument("--config", required=True, help="a config with eval (and data) sections, e.g. "
+                                                    "jobs/configs/eval_demo.yaml")
+    c.add_argument("--out", required=True, help="directory for compare.md/.csv/.json and pareto.png")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override (repeatable), e.g. --set eval.battery.limit=200")
+    c.set_defaults(fn=cmd_compare)
+
+
+def cmd_compare(a) -> int:
+    import sys
+
+    from llamapro.checkpoint import CheckpointError
+    from llamapro.config import ConfigError
+    from llamapro.cli.eval import EXIT_BAD_INPUT, load
+    from llamapro.eval import EvalError
+
+    try:
+        cfg = load(a.config, a.overrides)
+        cfg.eval.report = False  # one table for all runs; `llamapro eval RUN` writes a run's report
+        res = run_compare(cfg, parse_runs(a.runs), a.out, say=lambda m: print(m, flush=True))
+    except (CompareError, EvalError, ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(Path(res["table"]).read_text().split("## Verdicts")[0].strip())
+    for k, v in res["verdicts"].items():
+        print(f"{k}: {v}")
+    print(f"table {res['table']}; plot {res['pareto_png']}")
+    return 0

@@ -1,0 +1,1 @@
+"""llamapro.expand."""
