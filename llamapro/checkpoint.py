@@ -34,16 +34,13 @@ from llamapro.expand.families import (
     strip_config,
 )
 from llamapro.expand.strategies import Placement
+from llamapro.errors import CheckpointError  # noqa: F401
 
 METADATA_FILE = "llamapro.json"
 METADATA_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 INDEX_FILE = "model.safetensors.index.json"
 _CHUNK = 8 << 20  # 8 MiB read/write chunk: bounds memory independent of tensor size
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or written as asked; the message says why and what to do."""
 
 
 # --- safetensors layout ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Iterable, Iterator
 
 from llamapro.checkpoint import CheckpointError
 from llamapro.config import default_cache_dir
+from llamapro.errors import IncompleteUploadError  # noqa: F401
 
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -76,10 +77,6 @@ INCOMPLETE = ".llamapro-incomplete"
 """Written first where a directory is replaced in place (object stores cannot rename a directory):
 its presence means an upload there started and did not finish."""
 _META = (MANIFEST, INCOMPLETE)
-
-
-class IncompleteUploadError(CheckpointError):
-    """A directory at a URI is not a complete upload (interrupted, or changed since)."""
 
 
 def _listing(fs, p: str) -> dict[str, int]:

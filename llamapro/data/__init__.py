@@ -58,6 +58,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from llamapro.config import ConfigError, DataConfig, SourceConfig, default_cache_dir
+from llamapro.errors import DataError, DataPathError  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +97,6 @@ _UNIT_MAX_BYTES = 64 << 20  # a work unit groups small shards up to about this s
 _UNIT_MIN_BYTES = 256 << 10  # ... and down to this (tiny files would each lose a tail)
 _ESTIMATE_BYTES = 2 << 20  # raw bytes sampled per source to estimate its size in tokens
 _ESTIMATE_FILES = 3
-
-
-class DataError(RuntimeError):
-    """A corpus that cannot feed a run: the message names the source, the path or the reasons."""
-
-
-class DataPathError(DataError, FileNotFoundError):
-    """A configured path that matches nothing."""
 
 
 # --- paths ----------------------------------------------------------------------------------------

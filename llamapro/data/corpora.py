@@ -41,14 +41,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from llamapro.config import default_cache_dir
+from llamapro.errors import CorpusError  # noqa: F401
 
 FORMAT_VERSION = 4  # bump when the way a corpus is cut changes: an old build is then rebuilt
 
 MIN_DOC_CHARS = 1500  # sections shorter than this are merged with the next one
-
-
-class CorpusError(RuntimeError):
-    """A demo corpus cannot be built here; the message says what to install."""
 
 
 @dataclass

@@ -35,20 +35,13 @@ import numpy as np
 
 from llamapro.checkpoint import CheckpointError, read_metadata, weight_files, write_json_atomic
 from llamapro.config.eval import EvalConfig, GateConfig, LmEvalConfig
+from llamapro.errors import EvalError, LmEvalUnavailable  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 RESULTS_VERSION = 1
 RESULTS_FILE = "results.json"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-class EvalError(ValueError):
-    """Evaluation input that cannot work (missing set, bad prompt file, no base); exit code 2."""
-
-
-class LmEvalUnavailable(EvalError):
-    """lm-evaluation-harness was asked for but is not installed."""
 
 
 # --- inputs ---------------------------------------------------------------------------------------

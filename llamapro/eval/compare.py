@@ -34,12 +34,9 @@ import json
 from pathlib import Path
 
 from llamapro.checkpoint import read_metadata, write_json_atomic
+from llamapro.errors import CompareError  # noqa: F401
 
 RESULTS = "compare.json"
-
-
-class CompareError(ValueError):
-    """Bad input to ``llamapro compare`` (a missing run, a label twice); exit code 2."""
 
 
 def parse_runs(items: list[str]) -> dict[str, Path]:

@@ -27,6 +27,7 @@ from llamapro.checkpoint import (
 )
 from llamapro.expand.families import expand_config, family_for, num_layers_of
 from llamapro.expand.strategies import plan
+from llamapro.errors import IdentityError, UnprovenError  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,6 @@ DEFAULT_PROMPTS = (
     "Explain in one sentence why the sky is blue.",
     "Translate to French: The weather is nice today.",
 )
-
-
-class IdentityError(RuntimeError):
-    """The expanded model does not compute what the base computed."""
 
 
 def resolve_local(model: str) -> Path:
@@ -379,10 +376,6 @@ def verify_checkpoint(expanded: str, base: str | None = None, prompts=DEFAULT_PR
             f"(tolerance {tolerance}), greedy generation equal: {gen_ok}"
         )
     return meta
-
-
-class UnprovenError(CheckpointError):
-    """Training was asked to start from an expansion whose identity proof failed or never ran."""
 
 
 def require_proven(meta: dict | None, allow_unproven: bool = False, where: str = "the model") -> None:

@@ -20,12 +20,9 @@ import re
 from dataclasses import dataclass, field
 
 from llamapro.expand.strategies import Placement
+from llamapro.errors import UnsupportedModelError  # noqa: F401
 
 _LLAMA_LIKE = ("self_attn.o_proj", "mlp.down_proj")
-
-
-class UnsupportedModelError(ValueError):
-    """The model cannot be expanded into an exact identity (or we cannot prove that it can)."""
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,9 @@ Pure Python: no torch, no ray.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from llamapro.errors import PlacementError  # noqa: F401
 
 STRATEGIES = ("even", "top", "bottom", "middle")
-
-
-class PlacementError(ValueError):
-    """An impossible or malformed placement request."""
 
 
 def even_positions(num_layers: int, num_new: int) -> list[int]:

@@ -45,22 +45,11 @@ from llamapro.publish.export import (
 )
 from llamapro.expand.families import Family, family_for, num_layers_of, split_layer_key, writer_param_names
 from llamapro.expand.strategies import Placement
+from llamapro.errors import FuseError, NoAlphaPassesGate  # noqa: F401
 
 FUSION_DIR = "fusion"
 CURVE_PNG = "alpha_curve.png"
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-class FuseError(CheckpointError):
-    """Input fusion cannot work with; exit code 2, nothing written."""
-
-
-class NoAlphaPassesGate(RuntimeError):
-    """alpha=auto: no alpha of the grid passes the regression gate; exit code 4, nothing written."""
-
-    def __init__(self, message: str, curve: list[dict]):
-        super().__init__(message)
-        self.curve = curve
 
 
 # --- what is being fused ------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from llamapro.checkpoint import CheckpointError, atomic_dir, read_metadata, write_metadata
+from llamapro.errors import GGUFExportError  # noqa: F401
 
 QUANTS = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0",
           "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1"}
@@ -38,10 +39,6 @@ FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_
               "q5_1": "MOSTLY_Q5_1"}
 # HF model_type -> GGUF architecture name; q/k permuted for llama's rotary layout only.
 ARCHS = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
-
-
-class GGUFExportError(CheckpointError):
-    """The model, tokenizer or quant type cannot be written as GGUF (nothing was written)."""
 
 
 def check_request(model_type: str, quant: str) -> None:

@@ -57,16 +57,13 @@ from llamapro.checkpoint import (
 )
 from llamapro.expand.families import expand_config, layers_prefix, num_layers_of, split_layer_key
 from llamapro.expand.strategies import Placement
+from llamapro.errors import PackError  # noqa: F401
 
 PACK_FILE = "pack.json"
 BLOCKS_FILE = "blocks.safetensors"
 CARD_FILE = "README.md"
 PACK_FORMAT = "llamapro-pack"
 PACK_VERSION = 1
-
-
-class PackError(CheckpointError):
-    """A pack that cannot be made, read or applied as asked; the message says why and what to do."""
 
 
 # --- sources: a base or a pack as layers of tensors ------------------------------------------------

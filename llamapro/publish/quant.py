@@ -20,10 +20,7 @@ import tempfile
 from pathlib import Path
 
 from llamapro.checkpoint import CheckpointError, read_metadata
-
-
-class QuantExportError(CheckpointError):
-    """A quantized export this machine or install cannot produce (nothing was written)."""
+from llamapro.errors import QuantExportError  # noqa: F401
 
 
 def _need(module: str, extra: str = "quant") -> None:

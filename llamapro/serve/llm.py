@@ -25,10 +25,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-
-
-class ServeLLMError(RuntimeError):
-    """Ray Serve LLM cannot run here (no GPU / vLLM) or the request to build it is wrong."""
+from llamapro.errors import ServeLLMError  # noqa: F401
 
 
 def gpu_llm_available() -> tuple[bool, str]:

@@ -19,12 +19,9 @@ from __future__ import annotations
 import importlib.util
 import shutil
 from pathlib import Path
+from llamapro.errors import QuantizeError  # noqa: F401
 
 QUANTIZE_BASES = ("none", "nf4", "int8")
-
-
-class QuantizeError(ValueError):
-    """``quantize_base`` cannot be applied (bad value, missing package, nothing to train)."""
 
 
 def block_prefixes(indices) -> list[str]:

@@ -13,10 +13,7 @@ A single stage over all new blocks is the plain LLaMA-Pro recipe.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-
-class ScheduleError(ValueError):
-    pass
+from llamapro.errors import ScheduleError  # noqa: F401
 
 
 @dataclass
