@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT = 0, 1, 2  # as in llamapro.cli
+from llamapro.errors import EXIT_BAD_INPUT, EXIT_OK, CorpusError, DataError
 
 
 def add_data_commands(subparsers) -> None:
@@ -36,10 +36,12 @@ def add_data_commands(subparsers) -> None:
     p.set_defaults(fn=cmd_data_preview)
 
     c = dsub.add_parser(
-        "corpora", help="build the demo corpora (debian-manuals, python-docs, perl-docs) as parquet shards",
-        description="Builds two real corpora from Debian documentation packages (installing "
+        "corpora",
+        help="build the demo corpora (debian-manuals, python-docs, perl-docs) as parquet shards",
+        description="Builds three real corpora from Debian documentation packages (installing "
                     "them with apt-get when missing): debian-manuals, the new domain, and "
-                    "python-docs, the retention set. Each gets a README.md with its licence.")
+                    "python-docs and perl-docs, the retention sets. Each gets a README.md with its "
+                    "licence.")
     c.add_argument("--out", default=None,
                    help="output directory (default: $LLAMAPRO_CACHE/corpora or "
                         "~/.cache/llamapro/corpora)")
@@ -53,7 +55,7 @@ def add_data_commands(subparsers) -> None:
 
 
 def cmd_data_corpora(a) -> int:
-    from llamapro.data.corpora import CorpusError, build_corpora
+    from llamapro.data.corpora import build_corpora
 
     say = (lambda *_: None) if a.json else (lambda m: print(m, flush=True))
     try:
@@ -69,7 +71,8 @@ def cmd_data_corpora(a) -> int:
 
 def _start_ray():
     """Connect to RAY_ADDRESS if set, else start a local cluster with spare logical CPUs: the
-    tokenizer actors must never wait for CPUs that nothing will free (Ray Data then starves silently)."""
+    tokenizer actors must never wait for CPUs that nothing will free (Ray Data then starves
+    silently)."""
     import ray
 
     if ray.is_initialized():
@@ -84,7 +87,7 @@ def _start_ray():
 
 def cmd_data_preview(a) -> int:
     from llamapro.config import load_config
-    from llamapro.data import DataError, preview
+    from llamapro.data import format_preview, preview
 
     cfg = load_config(a.config, a.overrides)
     if not cfg.data.sources:
@@ -123,51 +126,3 @@ def _quiet_ray_data():
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def _n(x: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.1f}{unit}"
-    return f"{x:g}" if isinstance(x, float) else str(x)
-
-
-def format_preview(r: dict) -> str:
-    """The preview as a table per source, the verdict and the first decoded block."""
-    cols = ["source", "kind", "files", "docs read", "skipped", "held out", "used", "tokens",
-            "blocks", "in mix", "share", "target"]
-    rows = []
-    for s in r["sources"]:
-        rows.append([s["name"], s["kind"], str(s["files"]), _n(s["docs_read"]),
-                     _n(s["docs_skipped"] + sum(s["files_skipped"].values())),
-                     _n(s["docs_held_out"]), _n(s["docs_used"]), _n(s["tokens"]),
-                     _n(s["blocks_packed"]), _n(s["blocks_in_mix"]), f"{s['share']:.1%}",
-                     f"{s['target_share']:.1%}"])
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    out = [f"data preview: seq_len {r['seq_len']}, seed {r['seed']}, mixing {r['mixing']}, "
-           f"skip budget {r['max_skip_fraction']:.1%}", "", fmt.format(*cols)]
-    out += [fmt.format(*row) for row in rows]
-    for s in r["sources"]:
-        why = []
-        for key, unit in (("skipped", ""), ("files_skipped", " files")):
-            for reason, n in sorted(s[key].items(), key=lambda kv: -kv[1]):
-                ex = (s["skip_examples"].get(reason) or [""])[0]
-                why.append(f"    {reason}: {n}{unit}" + (f"  e.g. {ex}" if ex else ""))
-        if why:
-            out += ["", f"{s['name']} skipped:"] + why
-        if s["tail_tokens_dropped"]:
-            out.append(f"  {s['name']}: {s['tail_tokens_dropped']} tokens left over at the ends "
-                       "of work units (shorter than one block) were dropped")
-    out += ["", f"training stream: {r['total_blocks']} blocks = {_n(r['total_tokens'])} tokens"]
-    out += [f"warning: {w}" for w in r.get("warnings", [])]
-    if r["errors"]:
-        out += ["", "FAILED: a training run would stop on this data:"]
-        out += [f"  - {e}" for e in r["errors"]]
-    else:
-        out += ["OK: every source passes the checks"]
-    fb = r.get("first_block")
-    if fb:
-        out += ["", f"first block (source {fb['source']}, {fb['tokens']} tokens, "
-                    f"{fb['loss_tokens']} with loss):", "-" * 80, fb["text"], "-" * 80]
-    return "\n".join(out)

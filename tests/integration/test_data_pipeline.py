@@ -248,7 +248,7 @@ data:
     assert all(s["files"] == 2 and s["status"] == "ok" for s in report["sources"])
     assert report["ok"] and report["first_block"]["tokens"] == SEQ
 
-    from llamapro.cli.data import format_preview
+    from llamapro.data import format_preview
 
     text = format_preview(report)
     assert "dom" in text and "first block (source" in text and "OK:" in text

@@ -84,7 +84,8 @@ def test_duplicate_names_and_section_validation(tmp_path):
 
 
 def test_actor_resources_parse_from_an_override():
-    assert load_config(None, ["data.actor_resources={data: 0.5}"]).data.actor_resources == {"data": 0.5}
+    assert load_config(None, ["data.actor_resources={data: 0.5}"]).data.actor_resources == {
+        "data": 0.5}
 
 
 def test_eval_only_source_is_allowed():

@@ -7,8 +7,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from llamapro.data import corpora as C
 from llamapro import data as D
+from llamapro.data import corpora as C
 
 
 def test_split_rst_at_titles_keeping_labels_and_overlines():

@@ -16,12 +16,12 @@ from llamapro.config import SourceConfig
 def read_all(path, **src_kw):
     """(documents, {reason: count}, {file reason: count}) of the shards under ``path``."""
     src = SourceConfig(name="s", paths=[str(path)], **src_kw)
-    counts = D._new_counts()
+    counts = D.new_counts()
     docs = []
     for ref in D.resolve_paths(src.paths, src.format):
-        for doc, reason, _ in D._read_guarded(ref, src, 1 << 16, counts):
+        for doc, reason, _ in D.read_guarded(ref, src, 1 << 16, counts):
             if doc is None:
-                D._skip(counts, reason, "x")
+                D.record_skip(counts, reason, "x")
             else:
                 docs.append(doc)
     return docs, counts["skipped"], counts["files_skipped"]

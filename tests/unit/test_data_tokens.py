@@ -139,7 +139,7 @@ def test_process_unit_never_trains_on_held_out_documents(tmp_path, tok):
     enc = D.Encoder(tok)
 
     def markers(split):
-        counts = D._new_counts()
+        counts = D.new_counts()
         blocks = list(D.process_unit(unit, src, enc, seq_len=64, split=split, seed=0, rate=1.0,
                                      pass_index=0, max_doc_bytes=1 << 20, counts=counts))
         ids = np.concatenate([b[0] for b in blocks])
@@ -189,7 +189,7 @@ def test_estimate_is_close_for_a_homogeneous_source(tmp_path, tok):
     est = D.estimate_tokens(src, units, enc, seed=0, sample_bytes=30000)
     actual = 0
     for u in units:
-        c = D._new_counts()
+        c = D.new_counts()
         list(D.process_unit(u, src, enc, seq_len=64, split="train", seed=0, rate=1.0,
                             pass_index=0, max_doc_bytes=1 << 20, counts=c))
         actual += c["tokens"]
@@ -197,7 +197,7 @@ def test_estimate_is_close_for_a_homogeneous_source(tmp_path, tok):
 
 
 def test_check_source_verdicts():
-    c = D._new_counts()
+    c = D.new_counts()
     c.update(docs_read=100, docs_used=0, docs_held_out=0, skipped={"bad_json": 100},
              examples={"bad_json": ["a.jsonl:1"]})
     msg = D.check_source("web", c, files_total=2, max_skip_fraction=0.05, seq_len=8)
