@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from llamapro.config import SourceConfig, default_cache_dir
+from llamapro.config import SourceConfig
+from llamapro.data.corpora import default_out
 from llamapro.errors import DataPathError
 
 # Data extensions per format (compression suffixes are stripped first). A directory listing takes
@@ -94,7 +95,8 @@ def _takes_from_directory(name: str, configured: str) -> str | None:
 
 
 def demo_corpus_dir(name: str) -> str:
-    return str(default_cache_dir() / "corpora" / name)
+    """Where ``llamapro data corpora`` writes demo corpus ``name`` (what ``demo:NAME`` reads)."""
+    return str(default_out() / name)
 
 
 def resolve_paths(patterns: list[str], fmt: str = "auto", where: str = "data") -> list[FileRef]:
@@ -449,9 +451,9 @@ def conversation(rec: dict, messages_field: str = "messages"):
 
 
 def read_errors() -> tuple:
+    """What a missing, truncated or corrupt shard raises (not what a bug in llamapro raises)."""
     import zlib
 
     import pyarrow as pa
 
-    # What a missing, truncated or corrupt shard raises (not what a bug in llamapro raises).
     return (OSError, EOFError, ValueError, zlib.error, pa.ArrowException)
