@@ -1,0 +1,71 @@
+"""The Pareto plot of an experiment: each trial's domain gain against its forgetting, the front of
+the completed trials, the best trial and the feasibility bound (``pareto.png``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (less forgetting, more gain),
+    ordered by forgetting."""
+    idx = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best_gain = [], -math.inf
+    for i in idx:
+        if points[i][1] > best_gain:
+            front.append(i)
+            best_gain = points[i][1]
+    return front
+
+
+def _label(row: dict, keys: list[str]) -> str:
+    parts = []
+    for k in keys:
+        v = row.get(k)
+        parts.append(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}")
+    return ", ".join(parts)
+
+
+def plot_pareto(rows: list[dict], plan: dict, best: dict | None, path: Path) -> bool:
+    from matplotlib.figure import Figure
+
+    pts = [r for r in rows if r["domain_gain"] is not None and r["forgetting"] is not None]
+    if not pts:
+        return False
+    fig = Figure(figsize=(9, 6), dpi=110, layout="constrained")
+    ax = fig.subplots()
+    keys = list(plan["space"])
+    done = [r for r in pts if r["status"] == "completed"]
+    labels: dict = {}  # trials on the same spot share one label
+    for r in pts:
+        completed = r["status"] == "completed"
+        ax.scatter(r["forgetting"], r["domain_gain"], s=60, zorder=3,
+                   facecolors="#1f77b4" if completed else "none", edgecolors="#1f77b4")
+        xy = (round(r["forgetting"], 4), round(r["domain_gain"], 4))
+        labels.setdefault(xy, []).append(f"{str(r['trial_id'])[-5:]}: {_label(r, keys)}"
+                                         + ("" if completed else " (stopped)"))
+    for (x, y), texts in labels.items():
+        ax.annotate("\n".join(texts), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    front_rows = done or pts
+    front = [front_rows[i] for i in pareto_front([(r["forgetting"], r["domain_gain"]) for r in front_rows])]
+    ax.plot([r["forgetting"] for r in front], [r["domain_gain"] for r in front], "-s", color="#ff7f0e",
+            lw=1.5, ms=4, zorder=2, label="Pareto front (completed trials)")
+    if best is not None:
+        ax.scatter(best["forgetting"], best["domain_gain"], marker="*", s=320, color="#d62728",
+                   zorder=4, label=f"best: {best['trial_id']} (objective {best['objective']:.4f})")
+    if plan["max_forgetting"] is not None:
+        ax.axvline(plan["max_forgetting"], color="#7f7f7f", ls="--", lw=1,
+                   label=f"max_forgetting {plan['max_forgetting']}")
+    ax.axvline(0, color="#c7c7c7", lw=0.8)
+    ax.axhline(0, color="#c7c7c7", lw=0.8)
+    ax.scatter([], [], facecolors="#1f77b4", edgecolors="#1f77b4", label="completed")
+    ax.scatter([], [], facecolors="none", edgecolors="#1f77b4", label="stopped early / unfinished")
+    ax.set_xlabel(f"forgetting: retention loss increase ({', '.join(plan['retention_sets']) or 'none'}), nats/token")
+    ax.set_ylabel(f"domain gain: loss decrease on {', '.join(plan['domain_sets'])}, nats/token")
+    ax.set_title(f"{plan['name']}: domain gain vs forgetting per trial "
+                 f"(objective = gain - {plan['penalty']:g} x max(0, forgetting))")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.savefig(path)
+    return True
