@@ -15,16 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from llamapro.checkpoint import (
-    CheckpointError,
-    read_config,
-    require_metadata,
-    stream_expand,
-    stream_strip,
-    tensor_table,
-    write_json_atomic,
-    write_metadata,
-)
+from llamapro.artifacts import require_metadata, write_metadata
+from llamapro.errors import CheckpointError
+from llamapro.expand.streaming import stream_expand, stream_strip
+from llamapro.tensors import read_config, tensor_table, write_json_atomic
 from llamapro.expand.families import expand_config, family_for, num_layers_of
 from llamapro.expand.strategies import plan
 from llamapro.errors import IdentityError, UnprovenError  # noqa: F401
@@ -240,7 +234,7 @@ def expand(base: str, out: str, blocks: int | None = None, strategy: str | None 
            trust_remote_code: bool = False, progress: bool = True, verify_max_gb: float = 16.0,
            durable: bool = True) -> dict:
     """Expand ``base`` into ``out`` and prove it. Returns the metadata. ``durable=False`` skips the
-    fsync before publishing (see ``checkpoint.atomic_dir``)."""
+    fsync before publishing (see ``tensors.atomic_dir``)."""
     t0 = time.perf_counter()
     base_dir = resolve_local(base)
     config = read_config(base_dir)

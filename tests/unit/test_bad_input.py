@@ -129,10 +129,10 @@ def test_killed_expansion_leaves_previous_output_intact(base_dir, tmp_path):
     big = tmp_path / "big"
     tiny_model("llama", num_layers=4).save_pretrained(big)
     code = (
-        "import time, llamapro.checkpoint as c\n"
-        "orig = c._copy_range\n"
+        "import time, llamapro.expand.streaming as c\n"
+        "orig = c.copy_range\n"
         "def slow(*a, **k):\n    time.sleep(0.2); return orig(*a, **k)\n"
-        "c._copy_range = slow\n"
+        "c.copy_range = slow\n"
         f"from llamapro.expand import api as steps; steps.expand({str(big)!r}, {str(out)!r}, blocks=3, force=True, progress=False)\n"
     )
     p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
