@@ -1,5 +1,5 @@
 """The ``tune`` section of the config tree: what `llamapro tune` searches and how. Pure: no torch, no
-ray (the Ray Tune objects are built from it in ``llamapro/tune/__init__.py``).
+ray (the Ray Tune objects are built from it in ``llamapro/tune/space.py``).
 
     tune:
       num_samples: 1                          # repeats of the grid (or random samples)
@@ -14,6 +14,10 @@ ray (the Ray Tune objects are built from it in ``llamapro/tune/__init__.py``).
 Every key of ``space`` is a dotted path of the config tree (``train.lr``, ``expand.strategy``,
 ``data.seq_len``, ...) or ``expand.placement`` (a strategy name *or* an explicit list of new-block
 indices, so one dimension can compare both); every value names exactly one distribution.
+
+Whether a key names a field of the tree is a question about the whole tree, so the root
+(``llamapro.config.Config``) asks it once every section is built: ``check_space(space, Config)``.
+This module never imports the root (the root imports it).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ PLACEMENT_KEY = "expand.placement"
 SCHEDULERS = ("asha", "fifo")
 # keys a trial may not change: they place the trial's own files
 _FIXED = ("run.name", "run.output_dir", "run.baselines")
+# sections a trial never reads (a trial trains and evaluates; it does not serve)
+_UNSEARCHABLE = ("serve",)
 
 
 def _bad(key: str, msg: str):
@@ -117,9 +123,12 @@ class TuneConfig:
     def __post_init__(self):
         if not isinstance(self.space, dict):
             _bad("tune.space", "must be a mapping of dotted config keys to distributions")
-        self.space = flatten_space(self.space)
-        for key, spec in self.space.items():
-            check_space_entry(key, spec)
+        self.space = flatten_space(self.space)  # each entry is checked by the root: check_space
+        # TRANSITIONAL, until Config.__post_init__ calls check_space (patch sent to H-core): then
+        # these three lines go, and with them the cycle
+        from llamapro.config import Config
+
+        check_space(self.space, Config)
         if self.num_samples < 1:
             _bad("tune.num_samples", f"must be >= 1, got {self.num_samples}")
         if self.max_concurrent < 0:
@@ -157,14 +166,21 @@ def flatten_space(space: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_space_entry(key, spec) -> None:
-    """Shape of one ``tune.space`` entry: a known config path and exactly one distribution with
-    well-formed arguments. (Whether each value is valid for its key is checked against the whole
-    config by llamapro.tune before any trial starts.)"""
+def check_space(space: dict, root: type) -> None:
+    """Every entry of a (flattened) ``tune.space``, in order: a searchable key of the config tree
+    ``root`` and exactly one well-formed distribution. Called by the root once it is built."""
+    for key, spec in space.items():
+        check_space_entry(key, spec, root)
+
+
+def check_space_entry(key, spec, root: type) -> None:
+    """Shape of one ``tune.space`` entry: a known path of the config tree ``root`` and exactly one
+    distribution with well-formed arguments. (Whether each value is valid for its key is checked
+    against the whole config by llamapro.tune before any trial starts.)"""
     where = f"tune.space[{key!r}]"
     if not isinstance(key, str) or not key:
         _bad("tune.space", f"keys are dotted config paths such as train.lr, got {key!r}")
-    check_space_path(key)
+    check_space_path(key, root)
     if not isinstance(spec, dict) or len(spec) != 1:
         _bad(where, f"give exactly one distribution, e.g. {{choice: [a, b]}} or "
                     f"{{loguniform: [1.0e-5, 1.0e-3]}}; got {spec!r}. Known: {', '.join(DISTRIBUTIONS)}")
@@ -190,16 +206,16 @@ def check_space_entry(key, spec) -> None:
         _bad(where, f"{dist} needs q > 0, got {args!r}")
 
 
-def check_space_path(key: str) -> None:
-    """``key`` must name a scalar or list field of the config tree (or expand.placement)."""
-    from llamapro.config import Config  # at call time: config.py imports this module at its end
-
+def check_space_path(key: str, root: type) -> None:
+    """``key`` must name a scalar or list field of the config tree ``root`` (or expand.placement)."""
     if key == PLACEMENT_KEY:
         return
     where = f"tune.space[{key!r}]"
     if key.startswith("tune.") or key in _FIXED:
         _bad(where, "the experiment's own settings and the trial's directory cannot be searched")
-    cls, parts = Config, key.split(".")
+    if key.split(".")[0] in _UNSEARCHABLE:
+        _bad(where, f"{key.split('.')[0]} is not a searchable section")
+    cls, parts = root, key.split(".")
     for i, part in enumerate(parts):
         if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
             if cls is dict or typing.get_origin(cls) is dict:
