@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
+from llamapro.errors import EXIT_OK, ConfigError
 
 
 def add_serve_commands(subparsers) -> None:
@@ -80,8 +80,6 @@ def print_serve_config(a) -> int:
 
 def _check_api_key_locally(cfg) -> None:
     """Fail before starting anything when the configured key is missing (the ingress would too)."""
-    from llamapro.config import ConfigError
-
     if cfg.api_key_env and not os.environ.get(cfg.api_key_env, "").strip():
         raise ConfigError(f"serve.api_key_env={cfg.api_key_env}: export {cfg.api_key_env}=<key> "
                           "first (the ingress refuses to start without it)")

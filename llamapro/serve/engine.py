@@ -1,8 +1,8 @@
 """The engines behind a model deployment: tokenization and the context check (``_Tokenizing``), the
 continuous-batching PyTorch token loop (``TransformersEngine``) and vLLM's engine (``VLLMEngine``).
 
-No Ray here: a model replica (``llamapro.serve.ModelServerImpl``) owns one engine; benchmarks and
-tests drive an engine in-process. Failures never strand a request: every row an engine took is
+No Ray here: a model replica (``llamapro.serve.deployments.ModelServerImpl``) owns one engine;
+benchmarks and tests drive an engine in-process. Failures never strand a request: every row an engine took is
 either finished, cancelled, or handed an ``APIError`` (500/503) through its ``emit`` callback.
 """
 

@@ -25,7 +25,8 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from llamapro.errors import ServeLLMError  # noqa: F401
+
+from llamapro.errors import ServeLLMError
 
 
 def gpu_llm_available() -> tuple[bool, str]:
@@ -88,7 +89,8 @@ def _check_request(body, request, api_key_env: str | None, limits: Limits) -> No
         key = os.environ.get(api_key_env, "")
         got = request.headers.get("authorization", "")
         if not key or got != f"Bearer {key}":
-            raise HTTPException(status_code=401, detail="missing or wrong API key (Authorization: Bearer ...)")
+            raise HTTPException(status_code=401,
+                                detail="missing or wrong API key (Authorization: Bearer ...)")
     asked = getattr(body, "max_completion_tokens", None) or getattr(body, "max_tokens", None) or 0
     if asked > limits.max_tokens:
         raise HTTPException(status_code=400, detail=f"max_tokens {asked} exceeds this server's limit "
@@ -145,7 +147,8 @@ def build_llm_app(models: dict, *, canary: tuple | None = None, api_key_env: str
         c = Canary(*canary)
         missing = {c.stable, c.candidate} - set(models)
         if missing:
-            raise ServeLLMError(f"canary names {sorted(missing)} are not among the served models {sorted(models)}")
+            raise ServeLLMError(f"canary names {sorted(missing)} are not among the served models "
+                                f"{sorted(models)}")
     from ray.serve.llm import LLMConfig, LLMServingArgs, build_openai_app
 
     configs = [LLMConfig(**llm_config(n, d, **config_kw)) for n, d in models.items()]

@@ -15,7 +15,7 @@ loaded pack inserts decoder layers, which renumbers the KV cache.
 Packs are checked against the base by fingerprint when the replica starts (``compose``, exactly as
 ``llamapro apply`` checks them), so a wrong pack fails the deploy, not a request. Their blocks are
 read on the first request for them (Ray Serve's ``@serve.multiplexed`` in
-``llamapro.serve.ModelServerImpl``) and dropped again when Serve evicts them.
+``llamapro.serve.deployments.ModelServerImpl``) and dropped again when Serve evicts them.
 """
 
 from __future__ import annotations
@@ -85,8 +85,12 @@ class ServePacks:
     def _rebuild(self) -> list[str]:
         import torch
 
-        from llamapro.expand.surgery import _set_module, _sync_sub_configs, renumber_layers
         from llamapro.expand.strategies import Placement
+        from llamapro.expand.surgery import (
+            _set_module,
+            _sync_sub_configs,
+            renumber_layers,
+        )
 
         want = {q for n in self.requested for q in self.needs[n]}
         names = [n for n in self.order if n in want]
