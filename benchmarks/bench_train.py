@@ -86,12 +86,12 @@ def cpu_summary() -> dict:
     """CPU model, the flags that matter for training speed, and what the bf16 probe says."""
     import torch
 
-    from llamapro.train import _cpu_flags, native_bf16
+    from llamapro.train.precision import cpu_flags, native_bf16
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
                   if line.startswith("model name")), "unknown")
-    flags = sorted(_cpu_flags() & {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+    flags = sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
                                     "amx_bf16", "amx_tile", "avx512_fp16"})
     native, why = native_bf16(torch.device("cpu"))
     return {"model": model, "cores": len(os.sched_getaffinity(0)), "flags": flags,

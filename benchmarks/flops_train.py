@@ -52,7 +52,8 @@ def main() -> None:
 
     from llamapro.checkpoint import read_metadata
     from llamapro.train.loss import causal_lm_ce_sum
-    from llamapro.train import _apply_checkpointing, _decoder_layers, _load_model, select_parameters
+    from llamapro.train.model import load_model
+    from llamapro.train.params import apply_checkpointing, decoder_layers, select_parameters
     from llamapro.config.train import TrainConfig
 
     ap = argparse.ArgumentParser()
@@ -79,12 +80,12 @@ def main() -> None:
     gemm = gemm_gflops()
     print(f"nominal peak fp32: {peak:.0f} GFLOP/s ({what}); measured 2048^3 sgemm: {gemm:.0f} GFLOP/s")
     for how in ("off", "frozen", "all"):
-        model = _load_model(model_dir, torch.float32)
+        model = load_model(model_dir, torch.float32)
         select_parameters(model, TrainConfig(), new)  # freezes everything (no stage given) ...
-        layers = _decoder_layers(model)
+        layers = decoder_layers(model)
         for i in new:  # ... then the new blocks train, as in a one-stage run
             layers[i].requires_grad_(True)
-        _apply_checkpointing(model, how)
+        apply_checkpointing(model, how)
         model.train()
         with FlopCounterMode(display=False) as fc:
             loss, n = causal_lm_ce_sum(model, ids, ids, chunked=True)

@@ -10,6 +10,9 @@ computed in the same pass and kept instead of the logits: a few MB. The arithmet
 
 Used where it is exact: a plain bias-free linear head with no logit soft-capping or scaling, and
 ZeRO stage < 3 (stage 3 partitions the head's weight; those runs take the standard path).
+
+Also here: the plain masked cross-entropy over full logits, and the distillation term
+(:func:`kl_to_teacher`, KL to the base model's distribution).
 """
 
 from __future__ import annotations
@@ -103,3 +106,13 @@ def masked_ce_sum(logits, labels) -> tuple[torch.Tensor, int]:
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp_min(0),
                            reduction="none")
     return (loss * mask.reshape(-1)).sum(), int(mask.sum())
+
+
+def kl_to_teacher(student_logits, teacher_logits, labels, temperature: float) -> torch.Tensor:
+    """Distillation: mean over labelled positions of KL(teacher || student) at ``temperature``,
+    scaled by temperature^2 (the teacher is the same model with the new blocks skipped)."""
+    mask = (labels[:, 1:] != IGNORE).reshape(-1)
+    s = F.log_softmax(student_logits[:, :-1].float() / temperature, -1).reshape(-1, student_logits.shape[-1])
+    t = F.log_softmax(teacher_logits[:, :-1].float() / temperature, -1).reshape(-1, teacher_logits.shape[-1])
+    kl = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp_min(1) * temperature**2

@@ -19,7 +19,8 @@ from __future__ import annotations
 import importlib.util
 import shutil
 from pathlib import Path
-from llamapro.errors import QuantizeError  # noqa: F401
+
+from llamapro.errors import QuantizeError
 
 QUANTIZE_BASES = ("none", "nf4", "int8")
 
@@ -105,7 +106,12 @@ def write_full_precision(trained, expanded_dir, out, force: bool = False) -> dic
     was; side files copied. Written atomically to ``out``."""
     from safetensors.torch import load_file, save_file
 
-    from llamapro.checkpoint import atomic_dir, read_metadata, weight_files, write_metadata
+    from llamapro.checkpoint import (
+        atomic_dir,
+        read_metadata,
+        weight_files,
+        write_metadata,
+    )
 
     expanded_dir = Path(expanded_dir)
     info = getattr(trained, "llamapro_quantized", None) or {}

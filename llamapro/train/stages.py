@@ -13,7 +13,8 @@ A single stage over all new blocks is the plain LLaMA-Pro recipe.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from llamapro.errors import ScheduleError  # noqa: F401
+
+from llamapro.errors import ScheduleError
 
 
 @dataclass

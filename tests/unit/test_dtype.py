@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamapro import train
+from llamapro.train import params as train_params
+from llamapro.train import precision
 from llamapro.errors import ConfigError
 from llamapro.train.loss import causal_lm_ce_sum
 from llamapro.config.train import TrainConfig
@@ -33,14 +34,14 @@ def _force_probe(monkeypatch, native: bool):
         calls.append(device)
         return native, f"forced {'native' if native else 'emulated'}"
 
-    monkeypatch.setattr(train, "native_bf16", probe)
+    monkeypatch.setattr(precision, "native_bf16", probe)
     return calls
 
 
 @pytest.mark.parametrize("native,expected", [(False, torch.float32), (True, torch.bfloat16)])
 def test_auto_follows_the_probe(monkeypatch, native, expected):
     calls = _force_probe(monkeypatch, native)
-    dtype, info = train.resolve_dtype("auto", CPU)
+    dtype, info = precision.resolve_dtype("auto", CPU)
     assert calls == [CPU]
     assert dtype is expected
     assert info["compute"] == str(expected).replace("torch.", "")
@@ -49,23 +50,23 @@ def test_auto_follows_the_probe(monkeypatch, native, expected):
 
 def test_explicit_dtypes(monkeypatch):
     calls = _force_probe(monkeypatch, False)
-    assert train.resolve_dtype("float32", CPU)[0] is torch.float32
+    assert precision.resolve_dtype("float32", CPU)[0] is torch.float32
     assert calls == []  # no probe when the config says fp32
-    dtype, info = train.resolve_dtype("bfloat16", CPU)
+    dtype, info = precision.resolve_dtype("bfloat16", CPU)
     assert dtype is torch.bfloat16 and "WARNING" in info["reason"]  # forced, though not native
     with pytest.raises(ConfigError, match="train.dtype"):
         TrainConfig(dtype="float16")
 
 
 def test_real_probe_answers_with_a_reason():
-    native, why = train.native_bf16(CPU)
+    native, why = precision.native_bf16(CPU)
     assert isinstance(native, bool) and why.startswith("cpu ")
 
 
 def _trainable(model, new_layers):
     for p in model.parameters():
         p.requires_grad_(False)
-    layers = train._decoder_layers(model)
+    layers = train_params.decoder_layers(model)
     for i in new_layers:
         layers[i].requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
@@ -75,7 +76,7 @@ def test_frozen_held_in_bf16_trainable_fp32():
     model = tiny_model("llama", num_layers=4)
     params = _trainable(model, [1, 3])
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    assert train._hold_frozen_in(model, torch.bfloat16) == n_frozen
+    assert train_params.hold_frozen_in(model, torch.bfloat16) == n_frozen
     for p in model.parameters():
         assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16)
     ids = torch.randint(3, 128, (2, 16))
@@ -97,7 +98,7 @@ def test_bf16_loss_curve_close_to_fp32():
         model = tiny_model("llama", num_layers=4)
         params = _trainable(model, [1, 3])
         if dtype == torch.bfloat16:
-            train._hold_frozen_in(model, dtype)
+            train_params.hold_frozen_in(model, dtype)
         opt = torch.optim.AdamW(params, lr=1e-2)
         losses = []
         for step in range(30):

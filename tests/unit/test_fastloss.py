@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llamapro.train.loss import causal_lm_ce_sum, chunked_ce_sum, masked_ce_sum, supports_chunked_loss
-from llamapro.train import _apply_checkpointing
+from llamapro.train.params import apply_checkpointing
 from tests.tiny_models import tiny_model
 
 
@@ -73,7 +73,7 @@ def test_checkpointing_picks_layers_and_keeps_gradients(how, expected):
         p.requires_grad_("layers.1." in name or "layers.3." in name)
     m.train()
     _, _, ref = _grads(m, x, x, chunked=True)
-    assert _apply_checkpointing(m, how) == expected
+    assert apply_checkpointing(m, how) == expected
     got_flags = [i for i, layer in enumerate(m.model.layers) if layer.gradient_checkpointing]
     assert got_flags == expected
     _, _, g = _grads(m, x, x, chunked=True)
