@@ -50,6 +50,10 @@ class ModelConfig:
             raise ConfigError(f"model.dtype={self.dtype!r}: use auto, float32, bfloat16 or float16")
 
 
+STRATEGIES = ("even", "top", "bottom", "middle")
+"""Where new blocks can go (built by ``llamapro.expand.strategies``, validated here)."""
+
+
 @dataclass
 class ExpandConfig:
     blocks: int = 6
@@ -65,8 +69,6 @@ class ExpandConfig:
     """Prove identity (logits + greedy generation vs the base) right after expanding."""
 
     def __post_init__(self):
-        from llamapro.expand.strategies import STRATEGIES
-
         if not self.positions and self.strategy not in STRATEGIES:
             raise ConfigError(
                 f"expand.strategy={self.strategy!r}: choose one of {', '.join(STRATEGIES)}"

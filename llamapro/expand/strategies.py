@@ -15,9 +15,9 @@ Pure Python: no torch, no ray.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from llamapro.errors import PlacementError  # noqa: F401
 
-STRATEGIES = ("even", "top", "bottom", "middle")
+from llamapro.config import STRATEGIES  # the names live with the config that validates them
+from llamapro.errors import PlacementError  # noqa: F401
 
 
 def even_positions(num_layers: int, num_new: int) -> list[int]:
@@ -61,6 +61,7 @@ _BUILDERS = {
     "bottom": bottom_positions,
     "middle": middle_positions,
 }
+assert tuple(_BUILDERS) == STRATEGIES, "llamapro.config.STRATEGIES and the builders here must agree"
 
 
 def _check_counts(num_layers: int, num_new: int) -> None:
