@@ -35,20 +35,30 @@ from pathlib import Path
 
 from llamapro.checkpoint import CheckpointError, fingerprint, read_config, read_metadata, require_metadata
 from llamapro.config.eval import FUSE_METHODS, EvalConfig, parse_alpha
-from llamapro.publish.export import (
-    ADAPTER_CONFIG,
-    check_destination,
-    find_adapter,
-    load_merged,
-    locate_source,
-    write_standard_dir,
+from llamapro.errors import EvalError, FuseError, NoAlphaPassesGate  # noqa: F401
+from llamapro.eval import (
+    _as_blocks,
+    check_gate,
+    compare_sets,
+    encode_prompts,
+    greedy,
+    greedy_summary,
+    heldout_loss,
+    heldout_sets,
+    load_prompts,
+    read_results,
+    torch_threads,
+    write_results,
 )
+from llamapro.expand.api import resolve_local
 from llamapro.expand.families import Family, family_for, num_layers_of, split_layer_key, writer_param_names
 from llamapro.expand.strategies import Placement
-from llamapro.errors import FuseError, NoAlphaPassesGate  # noqa: F401
+from llamapro.publish.card import CURVE_PNG, fused_results, fusion_section
+from llamapro.publish.source import adapter_base, check_destination, find_adapter, load_merged, locate_source
+from llamapro.publish.standard_dir import write_standard_dir
+from llamapro.report import build_report, plot_alpha_curve
 
 FUSION_DIR = "fusion"
-CURVE_PNG = "alpha_curve.png"
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -61,9 +71,7 @@ def source_metadata(ckpt: Path) -> tuple[dict, Placement]:
     if read_metadata(ckpt) is None and not (ckpt / "config.json").is_file():
         adapter = find_adapter(ckpt)  # a pure adapter: the metadata lives with its base
         if adapter is not None:
-            import json
-
-            ref = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+            ref = adapter_base(adapter)
             if ref and Path(ref).is_dir():
                 meta_dir = Path(ref)
     if read_metadata(meta_dir) is None:
@@ -102,8 +110,6 @@ def resolve_base_dir(meta: dict, explicit: str | None = None) -> tuple[Path | No
     does; otherwise the trained checkpoint's own originals, if they were frozen; else refused."""
     want = (meta.get("base") or {}).get("fingerprint")
     if explicit:
-        from llamapro.expand.api import resolve_local
-
         d = resolve_local(explicit)
         fp = fingerprint(d)
         if want and fp != want:
@@ -231,8 +237,6 @@ def alpha_curve(blender: Blender, heldout: dict, ec: EvalConfig, alphas, greedy_
                 say=None) -> list[dict]:
     """Held-out loss/perplexity (and greedy agreement when the gate needs it) at each alpha of the
     grid plus 0, each compared with alpha = 0 (the base) and put through the gate."""
-    from llamapro.eval import check_gate, compare_sets, greedy, greedy_summary, heldout_loss
-
     say = say or (lambda m: None)
     roles = {**{s: "retention" for s in ec.gate.retention_sets}, **{s: "domain" for s in ec.gate.domain_sets}}
     base_loss, base_ans, points = {}, None, []
@@ -274,50 +278,10 @@ def _greedy_inputs(ckpt: Path, ec: EvalConfig, prompts):
         return None  # the gate does not look at greedy answers: don't spend on them
     from transformers import AutoTokenizer
 
-    from llamapro.eval import EvalError, encode_prompts
-
     if not any((ckpt / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise EvalError(f"{ckpt} has no tokenizer: the gate's greedy thresholds cannot be checked")
     tok = AutoTokenizer.from_pretrained(str(ckpt))
     return prompts, tok, encode_prompts(tok, prompts, ec.chat_template)
-
-
-# --- the model card and the report ------------------------------------------------------------------
-
-def card_sections(fusion: dict, with_png: bool) -> list[str]:
-    """The model card's "Fusion" section (Markdown lines)."""
-    from llamapro.report import curve_table, md_table
-
-    L = ["## Fusion", ""]
-    if fusion["method"] == "residual":
-        L.append("`llamapro fuse --method residual`: the inserted blocks are kept as trained, in the "
-                 "residual stream beside the original layers (the plain LLaMA-Pro result), with any "
-                 "adapter merged: one standard checkpoint that needs no special inference engine.")
-        return L + [""]
-    L.append(f"`llamapro fuse --method weighted`: each inserted block is (1 - alpha) x its identity "
-             f"initialisation + alpha x its trained weights (weight-space interpolation in the spirit "
-             f"of WiSE-FT), with **alpha = {fusion['alpha']:g}**; alpha = 0 gives back the base "
-             f"exactly, alpha = 1 the trained model. Identity initialisation: {fusion['identity_from']}. "
-             f"{fusion['interpolated_tensors']} tensors were interpolated"
-             + (" (the inserted blocks only)." if not fusion["originals_interpolated"] else
-                " (the original layers too: they differed from the base)."))
-    if fusion.get("curve"):
-        L += ["", fusion["choice"], ""] + md_table(*curve_table(fusion))
-        if with_png:
-            L += ["", f"![perplexity against alpha]({CURVE_PNG})"]
-    return L + [""]
-
-
-def _card_results(fusion: dict, run_results: dict | None, chosen: dict | None) -> dict | None:
-    """What the card's Evaluation section shows: the numbers of *this* model."""
-    if chosen is not None:
-        keep = {"rollback": run_results.get("rollback")} if run_results and not fusion["originals_interpolated"] else {}
-        return {**keep, "sets": chosen["sets"], "greedy": chosen.get("greedy"), "gate": chosen["gate"]}
-    if fusion["alpha"] == 1.0:
-        return run_results  # the trained model itself: the run's evaluation applies
-    if run_results and not fusion["originals_interpolated"]:
-        return {"rollback": run_results.get("rollback")}
-    return None
 
 
 # --- the step -------------------------------------------------------------------------------------
@@ -332,8 +296,6 @@ def fuse(src, out, method: str = "residual", alpha=None, *, alphas=DEFAULT_ALPHA
 
     ``alpha`` (weighted only): a float in [0, 1] or "auto"; "auto" needs ``heldout``
     (``{name: {"input_ids", "labels"}}``) covering ``eval_cfg.gate``'s sets."""
-    from llamapro.eval import _as_blocks, read_results, torch_threads
-
     say = say or (lambda m: None)
     if method not in FUSE_METHODS:
         raise FuseError(f"fusion method {method!r} is not one of {', '.join(FUSE_METHODS)}")
@@ -394,23 +356,18 @@ def fuse(src, out, method: str = "residual", alpha=None, *, alphas=DEFAULT_ALPHA
     run_results = read_results(run) if run is not None else None
     scratch = Path(tempfile.mkdtemp(prefix="llamapro-fuse-"))
     try:
-        from llamapro.report import plot_alpha_curve
-
         png = scratch / CURVE_PNG
         has_png = bool(fusion["curve"]) and plot_alpha_curve(fusion, png)
         say(f"writing the fused model ({method}, alpha {alpha:g}) to {out}")
         res = write_standard_dir(
-            model, out, ckpt, run, meta, info, _card_results(fusion, run_results, chosen), force=force,
+            model, out, ckpt, run, meta, info, fused_results(fusion, run_results, chosen), force=force,
             max_shard_size=max_shard_size, dtype=dtype, base_model=base_model, license=license, say=say,
-            kind="fused", extra_meta={"fusion": fusion}, card_sections=card_sections(fusion, has_png),
+            kind="fused", extra_meta={"fusion": fusion}, card_sections=fusion_section(fusion, has_png),
             extra_files={CURVE_PNG: png} if has_png else None)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     res["fusion"] = fusion
     if run is not None and report:
-        from llamapro.eval import write_results
-        from llamapro.report import build_report
-
         write_results(run / FUSION_DIR, {**fusion, "out": str(Path(out).resolve()), "source": str(ckpt.resolve())})
         res["report"] = str(build_report(run))
         say(f"report -> {res['report']}")
@@ -431,8 +388,6 @@ def run_fuse(cfg, source=None, out=None, heldout: dict | None = None, force: boo
     """The fuse step from the config tree (sections run, model, data, eval, export, fuse): what
     ``llamapro fuse``, ``jobs/fuse.py`` and ``llamapro run`` call. For alpha=auto the held-out sets
     are ``heldout`` (arrays) or the data sources' held-out splits through Ray Data."""
-    from llamapro.eval import heldout_sets, load_prompts
-
     say = say or (lambda m: None)
     fc, xc, ec = cfg.fuse, cfg.export, cfg.eval
     alpha = parse_alpha(fc.alpha) if fc.method == "weighted" else None

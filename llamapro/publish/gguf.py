@@ -29,8 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llamapro.checkpoint import CheckpointError, atomic_dir, read_metadata, write_metadata
+from llamapro.checkpoint import atomic_dir, read_metadata, write_metadata
 from llamapro.errors import GGUFExportError  # noqa: F401
+from llamapro.publish.card import CARD_FILE, gguf_card
+from llamapro.publish.gguf_pretok import CHKTXT, PRE_TOKENIZERS
+from llamapro.publish.source import check_destination, load_merged
 
 QUANTS = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0",
           "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1"}
@@ -85,8 +88,6 @@ def vocab(ckpt: Path, vocab_size: int):
     """(tokens, token types, pre-tokenizer name, notes) as llama.cpp's get_vocab_base builds them."""
     import gguf
     from transformers import AutoTokenizer
-
-    from llamapro.publish.gguf_pretok import CHKTXT, PRE_TOKENIZERS
 
     tok = AutoTokenizer.from_pretrained(str(ckpt))
     v = tok.get_vocab()
@@ -253,8 +254,6 @@ def export_gguf(src, out, quant: str = "f16", force: bool = False, trust_remote_
     import torch
     from transformers import AutoConfig
 
-    from llamapro.publish.export import check_destination, load_merged
-
     say = say or (lambda m: None)
     quant = quant.lower()
     run, ckpt, out = check_destination(src, out, force)
@@ -282,21 +281,6 @@ def export_gguf(src, out, quant: str = "f16", force: bool = False, trust_remote_
         new_meta = dict(meta) if meta else {"new_layer_indices": []}
         new_meta.update(kind="exported", export=export_info)
         write_metadata(tmp, new_meta)
-        (tmp / "README.md").write_text(_card(new_meta, export_info), encoding="utf-8")
+        (tmp / CARD_FILE).write_text(gguf_card(new_meta, export_info), encoding="utf-8")
     return {"out": str(out), "path": str(out / fname), **export_info}
 
-
-def _card(meta: dict, x: dict) -> str:
-    n_new = len(meta.get("new_layer_indices") or [])
-    grown = (f" grown with LLaMA-Pro block expansion ({n_new} inserted blocks at "
-             f"{meta.get('new_layer_indices')})" if n_new else "")
-    return "\n".join([
-        "---", "tags:", "- llamapro", "- gguf", "---", "", f"# {x['name']}", "",
-        f"A {x['arch']} model{grown}, as one GGUF file (`{x['file']}`, {x['quant'].upper()}) for "
-        "llama.cpp, Ollama or transformers. Exported by llamapro.", "",
-        "```sh", f"llama-cli -m {x['file']} -cnv", "ollama create mymodel -f Modelfile", "```", "",
-        "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'model = AutoModelForCausalLM.from_pretrained(".", gguf_file="{x["file"]}")',
-        f'tok = AutoTokenizer.from_pretrained(".", gguf_file="{x["file"]}")', "```", "",
-        f"Tensor types: {x['tensor_types']}. Pre-tokenizer: `{x['tokenizer_pre']}`. Chat template "
-        f"embedded: {'yes' if x['chat_template'] else 'no'}.", ""])

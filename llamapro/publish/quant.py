@@ -8,19 +8,25 @@
   with a calibration pass over real text, saved in the compressed-tensors format vLLM serves.
   The calibration needs a GPU in practice; without one the export refuses before loading.
 
-Each writes OUT through :func:`llamapro.publish.export.write_standard_dir`'s atomic path (temporary sibling,
+Each writes OUT through :func:`llamapro.publish.standard_dir.write_standard_dir`'s atomic path (temporary sibling,
 renamed into place) with the lineage and a model card, like the full-precision export.
 """
 
 from __future__ import annotations
 
+import glob
 import importlib.util
+import math
 import shutil
 import tempfile
 from pathlib import Path
 
-from llamapro.checkpoint import CheckpointError, read_metadata
+from llamapro.checkpoint import atomic_dir, copy_side_files, read_metadata, write_metadata
+from llamapro.data.corpora import DEBIAN_REFERENCE, _read, python_doc_root
 from llamapro.errors import QuantExportError  # noqa: F401
+from llamapro.publish.card import CARD_FILE, quantization_section
+from llamapro.publish.source import ADAPTER_CONFIG, check_destination, find_adapter, load_merged
+from llamapro.publish.standard_dir import write_standard_dir
 
 
 def _need(module: str, extra: str = "quant") -> None:
@@ -54,17 +60,13 @@ def torchao_config(scheme: str):
 def _plain_dir(ckpt: Path, trust_remote_code: bool, say) -> tuple[Path, Path | None, dict]:
     """A directory of full weights to quantize from: the checkpoint itself, or (when a PEFT
     adapter must be merged first) a temporary merged copy, returned second to delete after."""
-    from llamapro.publish.export import find_adapter, load_merged
-
     if find_adapter(ckpt) is None:
         return ckpt, None, {"merged_adapter": None, "weights_from": str(ckpt)}
     model, info = load_merged(ckpt, "auto", trust_remote_code, say)
     tmp = Path(tempfile.mkdtemp(prefix="llamapro-merged-"))
     model.save_pretrained(tmp)
-    from llamapro.checkpoint import copy_side_files
-
-    copy_side_files(Path(info["weights_from"]), tmp, skip=("README.md",))
-    copy_side_files(ckpt, tmp, skip=("README.md", "adapter_config.json", "adapter_model.safetensors"))
+    copy_side_files(Path(info["weights_from"]), tmp, skip=(CARD_FILE,))
+    copy_side_files(ckpt, tmp, skip=(CARD_FILE, ADAPTER_CONFIG, "adapter_model.safetensors"))
     return tmp, tmp, info
 
 
@@ -77,8 +79,6 @@ def export_torchao(src, out, scheme: str = "int8", force: bool = False, trust_re
     """Weight-only quantize a run or checkpoint with torchao; OUT loads with from_pretrained."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from llamapro.publish.export import check_destination, write_standard_dir
 
     say = say or (lambda m: None)
     run, ckpt, out = check_destination(src, out, force)
@@ -96,9 +96,7 @@ def export_torchao(src, out, scheme: str = "int8", force: bool = False, trust_re
         res = write_standard_dir(model, out, plain, run, meta, info, None, force=force,
                                  max_shard_size="50GB", dtype="float32", say=say,
                                  extra_meta={"quantization": q},
-                                 card_sections=[f"## Quantization", "",
-                                                f"torchao {scheme} weight-only ({q['quantized_linears']} "
-                                                "linear layers); `pip install torchao` to load. ", ""])
+                                 card_sections=quantization_section(scheme, q["quantized_linears"]))
     finally:
         if cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True)
@@ -122,10 +120,6 @@ def gptq_recipe(method: str, scheme: str = "W4A16"):
 
 def calibration_texts(n: int = 64) -> list[str]:
     """Real calibration text: chunks of the Python documentation's sources (python3-doc)."""
-    import glob
-
-    from llamapro.data.corpora import python_doc_root
-
     texts: list[str] = []
     root = python_doc_root()
     for f in sorted(glob.glob(f"{root}/**/*.txt", recursive=True)) if root else []:
@@ -142,8 +136,6 @@ def calibration_texts(n: int = 64) -> list[str]:
 def export_gptq(src, out, method: str = "gptq", force: bool = False, trust_remote_code: bool = False,
                 say=None, texts: list[str] | None = None, max_seq_length: int = 512) -> dict:
     """W4A16 GPTQ/AWQ with llm-compressor; refuses clearly without a GPU or the package."""
-    from llamapro.publish.export import check_destination
-
     say = say or (lambda m: None)
     if method not in ("gptq", "awq"):
         raise QuantExportError(f"unknown method {method!r}; choose gptq or awq")
@@ -158,8 +150,6 @@ def export_gptq(src, out, method: str = "gptq", force: bool = False, trust_remot
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llamapro.checkpoint import atomic_dir, copy_side_files, write_metadata
-
     meta = read_metadata(ckpt) or {}
     plain, cleanup, info = _plain_dir(ckpt, trust_remote_code, say)
     try:
@@ -173,7 +163,7 @@ def export_gptq(src, out, method: str = "gptq", force: bool = False, trust_remot
                 num_calibration_samples=len(texts))
         with atomic_dir(out, force=force) as tmp:
             model.save_pretrained(tmp, save_compressed=True)
-            copy_side_files(plain, tmp, skip=("README.md", "adapter_config.json", "adapter_model.safetensors"))
+            copy_side_files(plain, tmp, skip=(CARD_FILE, ADAPTER_CONFIG, "adapter_model.safetensors"))
             q = {"method": f"llmcompressor-{method}", "scheme": "W4A16", "calibration_texts": len(texts)}
             new_meta = dict(meta) if meta else {"new_layer_indices": []}
             new_meta.update(kind="exported", quantization=q,
@@ -192,8 +182,6 @@ def heldout_windows(tok, n: int = 8, seq: int = 256, source: str = "debian-refer
     Reference (debian-reference-en, GPL-2+) or the Python tutorial (python3-doc, PSF-2.0), read
     from their Debian packages, taken evenly spaced through the text."""
     import torch
-
-    from llamapro.data.corpora import DEBIAN_REFERENCE, _read, python_doc_root
 
     if source == "debian-reference":
         if not Path(DEBIAN_REFERENCE).is_file():
@@ -214,8 +202,6 @@ def heldout_windows(tok, n: int = 8, seq: int = 256, source: str = "debian-refer
 
 def perplexity(model, windows) -> float:
     """exp(mean next-token loss) over the windows (each scored on its own)."""
-    import math
-
     import torch
 
     total, count = 0.0, 0
