@@ -64,8 +64,10 @@ def child_ray(corpus: str, seq_len: int, actors: int) -> dict:
     from llamapro import data as D
     from llamapro.config import DataConfig, SourceConfig
     from llamapro.demo import ensure_demo_model
+    from llamapro.runtime import ensure_ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ensure_ray("bench_data", address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+               log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     tok = D.load_tokenizer(str(ensure_demo_model()))
     cfg = DataConfig(seq_len=seq_len, actors=actors, sources=[
@@ -84,12 +86,12 @@ def child_hf(corpus: str, seq_len: int, num_proc: int) -> dict:
     import glob
 
     import datasets
-    from transformers import AutoTokenizer
 
     from llamapro.demo import ensure_demo_model
+    from llamapro.loading import load_tokenizer
 
     datasets.disable_progress_bars()
-    tok = AutoTokenizer.from_pretrained(str(ensure_demo_model()))
+    tok = load_tokenizer(ensure_demo_model())
     eos = tok.eos_token_id
     t0 = time.perf_counter()
     ds = datasets.load_dataset("parquet", data_files=sorted(glob.glob(f"{corpus}/*.parquet")),

@@ -9,10 +9,10 @@ Importing this module imports neither ray nor transformers (the CLI stays quick 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from llamapro.errors import EXIT_BAD_INPUT, EXIT_OK, CorpusError, DataError
+from llamapro.runtime import ensure_ray, spare_cpus
 
 
 def add_data_commands(subparsers) -> None:
@@ -69,22 +69,6 @@ def cmd_data_corpora(a) -> int:
     return EXIT_OK
 
 
-def _start_ray():
-    """Connect to RAY_ADDRESS if set, else start a local cluster with spare logical CPUs: the
-    tokenizer actors must never wait for CPUs that nothing will free (Ray Data then starves
-    silently)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=False)
-    return True
-
-
 def cmd_data_preview(a) -> int:
     from llamapro.config import load_config
     from llamapro.data import format_preview, preview
@@ -98,7 +82,9 @@ def cmd_data_preview(a) -> int:
         from llamapro.demo import resolve_model
 
         tokenizer = resolve_model(cfg.model.base)
-    started = _start_ray()
+    # RAY_ADDRESS's cluster, else a local one with spare CPUs for the tokenizer actors
+    started = ensure_ray("data", num_cpus=spare_cpus(), include_dashboard=False,
+                         log_to_driver=False)
     try:
         _quiet_ray_data()
         report = preview(cfg.data, tokenizer, max_files=a.max_files)

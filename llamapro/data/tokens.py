@@ -9,6 +9,7 @@ import pickle
 
 import numpy as np
 
+from llamapro import loading
 from llamapro.errors import DataError
 
 IGNORE_INDEX = -100
@@ -210,12 +211,10 @@ class Packer:
 
 
 def load_tokenizer(tokenizer) -> TokenizerBundle:
-    """A model directory or hub id (loaded with AutoTokenizer), a loaded fast tokenizer, or a
+    """A model directory or hub id (loaded by ``llamapro.loading``), a loaded fast tokenizer, or a
     bundle; checked here on the driver, so an unusable tokenizer fails before any actor starts."""
     if isinstance(tokenizer, TokenizerBundle):
         return tokenizer
     if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        tokenizer = loading.load_tokenizer(tokenizer)
     return TokenizerBundle(tokenizer)

@@ -23,11 +23,10 @@ WORDS = ("kernel package mirror archive policy shell daemon socket module librar
 
 @pytest.fixture(scope="module")
 def tok():
-    from transformers import AutoTokenizer
-
     from llamapro.demo import ensure_demo_model
+    from llamapro.loading import load_tokenizer
 
-    return D.TokenizerBundle(AutoTokenizer.from_pretrained(ensure_demo_model()))
+    return D.TokenizerBundle(load_tokenizer(ensure_demo_model()))
 
 
 def _doc(rng, marker):

@@ -14,11 +14,10 @@ from llamapro.config import SourceConfig
 
 @pytest.fixture(scope="module")
 def tok():
-    from transformers import AutoTokenizer
-
     from llamapro.demo import ensure_demo_model
+    from llamapro.loading import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(ensure_demo_model())
+    return load_tokenizer(ensure_demo_model())
 
 
 @pytest.fixture(scope="module")
