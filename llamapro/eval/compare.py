@@ -31,10 +31,16 @@ import csv
 import hashlib
 import io
 import json
+import math
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from llamapro.checkpoint import read_metadata, write_json_atomic
-from llamapro.errors import CompareError  # noqa: F401
+from llamapro.config import load_config
+from llamapro.errors import EXIT_BAD_INPUT, CheckpointError, CompareError, ConfigError, EvalError
+from llamapro.eval.results import read_results, write_results
+from llamapro.eval.run import run_eval
 
 RESULTS = "compare.json"
 
@@ -58,8 +64,6 @@ def parse_runs(items: list[str]) -> dict[str, Path]:
 
 def eval_digest(cfg) -> str:
     """What an evaluation's numbers depend on: the eval section (output paths aside) and data."""
-    from dataclasses import asdict
-
     ec = asdict(cfg.eval)
     for k in ("output_dir", "report", "checkpoint"):
         ec.pop(k, None)
@@ -69,8 +73,6 @@ def eval_digest(cfg) -> str:
 
 def evaluate_run(cfg, run: Path, say=None) -> dict:
     """The run's eval results: reused when made with the same settings, else ``run_eval``."""
-    from llamapro.eval import read_results, run_eval, write_results
-
     digest = eval_digest(cfg)
     old = read_results(run)
     if old and old.get("compare_digest") == digest:
@@ -186,10 +188,20 @@ def verdicts(rows: list[dict]) -> dict[str, str]:
     return out
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (less forgetting, more gain),
+    ordered by forgetting."""
+    idx = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best_gain = [], -math.inf
+    for i in idx:
+        if points[i][1] > best_gain:
+            front.append(i)
+            best_gain = points[i][1]
+    return front
+
+
 def plot_pareto(rows: list[dict], path: Path) -> bool:
     from matplotlib.figure import Figure
-
-    from llamapro.tune import pareto_front
 
     pts = [r for r in rows if r["domain_gain"] is not None and _forgetting(r) is not None]
     if not pts:
@@ -298,16 +310,8 @@ def add_compare_command(subparsers) -> None:
 
 
 def cmd_compare(a) -> int:
-    import sys
-
-    from llamapro.checkpoint import CheckpointError
-    from llamapro.config import ConfigError
-    from llamapro.cli.eval import EXIT_BAD_INPUT, load
-    from llamapro.eval import EvalError
-
     try:
-        cfg = load(a.config, a.overrides)
-        cfg.eval.report = False  # one table for all runs; `llamapro eval RUN` writes a run's report
+        cfg = load_config(a.config, a.overrides)  # run_eval writes no report: one table for all runs
         res = run_compare(cfg, parse_runs(a.runs), a.out, say=lambda m: print(m, flush=True))
     except (CompareError, EvalError, ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,83 @@
+"""What a report reads: the training events of ``RUN/metrics.jsonl``, the run's layout, and the
+facts derived from them and the checkpoint's metadata (training summary, the layer table)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+
+def read_events(run_dir) -> list[dict]:
+    """Events of ``metrics.jsonl`` (unreadable lines skipped; a resumed run's repeated steps are
+    kept once, the last one)."""
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(e, dict) and "event" in e:
+            out.append(e)
+    return out
+
+
+def step_events(events, kind="step") -> list[dict]:
+    by = {}
+    for e in events:
+        if e.get("event") == kind and "step" in e:
+            by[e["step"]] = e
+    return [by[k] for k in sorted(by)]
+
+
+def locate_run(run_dir: Path) -> tuple[Path, Path | None]:
+    """(run dir, checkpoint dir or None)."""
+    if (run_dir / "model" / "config.json").is_file():
+        return run_dir, run_dir / "model"
+    if (run_dir / "config.json").is_file():
+        return run_dir, run_dir
+    return run_dir, None
+
+
+def summarize(events: list[dict], meta: dict | None) -> dict:
+    """Tokens, time, throughput and peak memory of the training run."""
+    training = (meta or {}).get("training") or {}
+    steps = step_events(events)
+    tokens = training.get("tokens") or (steps[-1].get("tokens") if steps else None)
+    seconds = training.get("train_seconds") or (sum(s.get("step_s", 0) for s in steps) or None)
+    rates = [s["tokens_per_s"] for s in steps if isinstance(s.get("tokens_per_s"), (int, float))]
+    peaks = [e["peak_rss_bytes"] for e in events if isinstance(e.get("peak_rss_bytes"), (int, float))]
+    return {
+        "steps": training.get("steps") or (steps[-1]["step"] if steps else None),
+        "tokens": tokens,
+        "train_seconds": seconds,
+        "tokens_per_s": (tokens / seconds) if tokens and seconds else None,
+        "median_step_tokens_per_s": statistics.median(rates) if rates else None,
+        "peak_rss_bytes": max(peaks) if peaks else None,
+        "resumes": sum(1 for e in events if e.get("event") == "resume"),
+        "early_stopped_stages": training.get("early_stopped_stages")
+        or sorted({e.get("stage") for e in events if e.get("event") == "early_stop"}),
+    }
+
+
+def layer_table(meta: dict | None) -> list[dict]:
+    """One row per layer of the stack: index, new or original, source/original index, stage."""
+    if not meta or not meta.get("num_layers"):
+        return []
+    new = {int(i) for i in meta.get("new_layer_indices") or []}
+    sources = {int(k): v for k, v in (meta.get("new_layer_sources") or {}).items()}
+    stage_of = {}
+    for st in ((meta.get("training") or {}).get("stages") or []):
+        for layer in st.get("layers") or []:
+            stage_of.setdefault(int(layer), st.get("index", 0))
+    rows, o = [], 0
+    for i in range(int(meta["num_layers"])):
+        if i in new:
+            rows.append({"index": i, "new": True, "source": sources.get(i), "stage": stage_of.get(i)})
+        else:
+            rows.append({"index": i, "new": False, "original": o})
+            o += 1
+    return rows
