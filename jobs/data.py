@@ -13,8 +13,10 @@ Exit codes: 0 ok, 2 a training run would fail on this data.
 import argparse
 import sys
 
-from llamapro.config import ConfigError, load_config
-from llamapro.cli.data import EXIT_BAD_INPUT, cmd_data_preview
+from llamapro.cli.data import cmd_data_preview
+from llamapro.cli.exits import report
+from llamapro.config import load_config
+from llamapro.errors import LlamaproError
 from llamapro.pipeline import base_model_dir, ensure_demo_corpora
 
 
@@ -28,12 +30,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         cfg = load_config(a.config, a.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    ensure_demo_corpora(cfg)
-    a.tokenizer = a.tokenizer or base_model_dir(cfg)  # demo:NAME converted, a URI downloaded
-    return cmd_data_preview(a)
+        ensure_demo_corpora(cfg)
+        a.tokenizer = a.tokenizer or base_model_dir(cfg)  # demo:NAME converted, a URI downloaded
+    except LlamaproError as e:
+        return report(e)
+    return cmd_data_preview(a)  # `llamapro data preview`
 
 
 if __name__ == "__main__":

@@ -7,22 +7,13 @@ Reads the `model` and `expand` sections; writes <run.output_dir>/<run.name>/expa
 when run.output_dir is a URI such as s3://bucket/runs; model.base may be one too).
 """
 
-import argparse
 import sys
 
-from llamapro.expand import api as steps
-from llamapro.config import load_config
-from llamapro.pipeline import expand_step
+from llamapro.cli.jobs import job_main
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. expand.blocks=4")
-    a = p.parse_args(argv)
-    meta = expand_step(load_config(a.config, a.overrides), force=True, progress=False)
-    print(steps.summary(meta))
-    return 0
+    return job_main("expand", argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ import argparse
 import os
 import sys
 
-from llamapro.config import ConfigError
+from llamapro.cli.exits import report
+from llamapro.errors import EXIT_ERROR, EXIT_OK, LlamaproError
 from llamapro.serve import absolutize_paths, deploy, describe, job_runtime_env, load_serve_config, smoke_chat
-
-EXIT_DEPLOY_FAILED, EXIT_BAD_INPUT = 1, 2
 
 
 def main(argv=None) -> int:
@@ -31,9 +30,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         cfg = absolutize_paths(load_serve_config(a.config, a.overrides))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except LlamaproError as e:  # a bad config: exit 2
+        return report(e)
 
     import ray
     from ray import serve
@@ -42,17 +40,17 @@ def main(argv=None) -> int:
     if a.delete:
         serve.delete(cfg.app_name)
         print(f"deleted Serve app {cfg.app_name!r}")
-        return 0
+        return EXIT_OK
     try:
         deploy(cfg, runtime_env=job_runtime_env(cfg), wait_s=a.timeout)
     except (RuntimeError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_DEPLOY_FAILED
+        return EXIT_ERROR
     print(describe(cfg), flush=True)
     if not a.no_smoke:
         r = smoke_chat(cfg)
         print(f"smoke: {r['model']} answered {r['answer']!r}", flush=True)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -10,26 +10,13 @@ same command again resumes an interrupted experiment; --force starts it over. Th
 declare the trial-driver resource (tune.driver_resource, default llamapro_tune_driver) on a node.
 """
 
-import argparse
 import sys
 
-from llamapro.config import ConfigError, load_config
-from llamapro.tune import format_summary, run_tune
+from llamapro.cli import main as cli
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--force", action="store_true", help="start over instead of resuming")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.num_samples=2")
-    a = p.parse_args(argv)
-    try:
-        s = run_tune(load_config(a.config, a.overrides), force=a.force)
-    except ConfigError as e:  # a bad space fails before any trial, with one sentence
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(s))
-    return 0 if s.get("best") and not s["status"].get("unfinished") else 1
+    return cli(["tune", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,29 +1,40 @@
-"""The steps of a run, wired from one config: what `llamapro train/run` and `jobs/` call.
+"""The steps of a run, one function per step, each doing its own storage sync: what `llamapro
+<step>`, `llamapro run`, ``jobs/`` and the Python API (``import llamapro``) call.
 
 Every step reads and writes plain directories under ``<run.output_dir>/<run.name>/``::
 
-    expanded/          llamapro expand (+ proof in llamapro.json)
-    model/             the trained HF checkpoint; metrics.jsonl; ray/ (Ray Train checkpoints)
-    eval/ report/      llamapro eval: results.json, report.{md,html} + PNGs
-    export/            llamapro export: a clean HF directory with a model card
+    expanded/          expand_step: llamapro expand (+ proof in llamapro.json)
+    model/             train_step: the trained HF checkpoint; metrics.jsonl; config.yaml; ray/
+    eval/ report/      eval_step: results.json, report.{md,html} + PNGs
+    export/            export_step: a clean HF directory with a model card
+    fused/ fusion/     fuse_step: one fused HF model; the alpha curve
+    pack/              pack_step: the new blocks as a pack for the base
     baseline-<mode>/   the same for a baseline (full, lora, freeze_last_n) on the unexpanded base
 
-``run.output_dir`` may be a URI (``s3://``, ``gs://``, ``file://``): each step then works in a local
-copy, downloads what it reads and uploads what it writes (``llamapro.storage``), and Ray Train
-checkpoints go straight to ``<run dir>/ray`` behind the URI, so a run's steps and its Train workers
-may run on different nodes.
+A run directory may be a URI (``s3://``, ``gs://``, ``file://``): each step then works in a local
+copy, downloads what it reads (the ``*_PULL`` lists below) and uploads what it writes, and Ray
+Train checkpoints go straight to ``<run dir>/ray`` behind the URI, so a run's steps and its Train
+workers may run on different nodes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
 from pathlib import Path
 
 from llamapro import storage
+from llamapro.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+
+# What each step downloads from a run directory behind a URI, and what it uploads there.
+EVAL_PULL, EVAL_PUSH = ["model", "metrics.jsonl", "config.yaml"], ["eval", "report"]
+EXPORT_PULL = ["model", "eval", "config.yaml"]
+FUSE_PULL, FUSE_PUSH = ["model", "eval", "metrics.jsonl", "config.yaml"], ["fusion", "report"]
+PACK_PULL = ["model", "metrics.jsonl", "config.yaml"]
 
 
 def ensure_ray(cfg=None) -> None:
@@ -161,6 +172,112 @@ def _train(cfg, tc, out: Path, storage_path: str | None, sub: str) -> dict:
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     return {"out": str(out), "model": str(out / "model"), "metrics": result.metrics}
+
+
+@contextlib.contextmanager
+def _working_copy(source: str, out: str | None, default: str, pull, push):
+    """``(local source, local out)`` for a step that reads the run (or checkpoint) ``source`` and
+    writes ``out`` (default: ``default`` inside the run). A local path is used in place. A run
+    behind a URI is worked on in a local copy: ``pull`` downloaded first, ``push`` (and ``out``,
+    when it lies inside the run) uploaded when the block succeeds; an ``out`` URI elsewhere is
+    written locally and uploaded after. A URI with no ``model/`` is a checkpoint, read whole."""
+    out = str(out) if out else storage.join(source, default)
+    if not storage.is_uri(source):
+        with _upload_after(out) as local_out:
+            yield Path(source), local_out
+        return
+    if not storage.exists(storage.join(source, "model")):  # a checkpoint, not a run directory
+        if not storage.exists(source):
+            raise CheckpointError(f"{source} does not exist")
+        with _upload_after(out) as local_out:
+            yield Path(storage.localize(source)), local_out
+        return
+    prefix = source.rstrip("/") + "/"
+    rel = out[len(prefix):] if out.startswith(prefix) else None  # out inside the run: pushed with it
+    with storage.synced(source, pull=pull, push=[*push, *([rel] if rel else [])]) as run:
+        if rel:
+            yield run, run / rel
+        else:
+            with _upload_after(out) as local_out:
+                yield run, local_out
+
+
+@contextlib.contextmanager
+def _upload_after(out: str):
+    """The local directory a step writes ``out`` to; uploaded when the block succeeds if ``out``
+    is a URI."""
+    local = storage.local_dir(out)
+    yield local
+    if storage.is_uri(out):
+        storage.upload(local, out)
+
+
+def eval_step(cfg, run: str | None = None, checkpoint: str | None = None, heldout: dict | None = None,
+              trust_remote_code: bool | None = None, say=None) -> dict:
+    """Evaluate a trained run against its base, apply the regression gate, write the report:
+    ``RUN/eval/results.json`` and ``RUN/report/``. ``run`` defaults to the config's run directory
+    (unless ``checkpoint`` is given); behind a URI the model, metrics and config are downloaded
+    first and eval/ and report/ uploaded after. Returns the results (``["gate"]["passed"]``)."""
+    from llamapro.eval import run_eval
+
+    target = run or (None if checkpoint else cfg.run.run_dir())
+    kw = dict(checkpoint=checkpoint, heldout=heldout, trust_remote_code=trust_remote_code, say=say)
+    if target is None or not storage.is_uri(target):
+        return run_eval(cfg, run_dir=run, **kw)
+    with storage.synced(target, pull=EVAL_PULL, push=EVAL_PUSH) as local:
+        return run_eval(cfg, run_dir=str(local), **kw)
+
+
+def export_step(cfg, source: str | None = None, out: str | None = None, force: bool = False,
+                fmt: str = "hf", quant: str | None = None, trust_remote_code: bool | None = None,
+                say=None) -> dict:
+    """Export a run (``RUN/model``) or checkpoint as a clean standard HF directory with a model
+    card (``fmt`` hf), or as GGUF / a quantized directory. ``source`` defaults to the config's run
+    directory, ``out`` to ``export.out``, else ``RUN/export``; either may be a URI (worked on
+    locally, then uploaded). Written atomically; an existing OUT is replaced only with ``force``
+    (or ``export.force``). Returns the export metadata."""
+    from llamapro.publish.export import export, export_format
+
+    xc = cfg.export
+    source = str(source or cfg.run.run_dir())
+    trc = cfg.model.trust_remote_code if trust_remote_code is None else trust_remote_code
+    with _working_copy(source, out or xc.out or None, "export", EXPORT_PULL, []) as (run, dest):
+        if fmt != "hf":
+            return export_format(fmt, str(run), str(dest), quant=quant, force=force,
+                                 trust_remote_code=trc, say=say)
+        return export(run, dest, force=force or xc.force, max_shard_size=xc.max_shard_size,
+                      dtype=xc.dtype, trust_remote_code=trc, base_model=xc.base_model or None,
+                      license=xc.license or None, say=say)
+
+
+def fuse_step(cfg, source: str | None = None, out: str | None = None, heldout: dict | None = None,
+              force: bool = False, alpha_given: bool = False, trust_remote_code: bool | None = None,
+              say=None) -> dict:
+    """Fuse a trained run into one standard HF model (``fuse.method``, ``fuse.alpha``; auto
+    searches ``fuse.alphas`` against the regression gate). ``source`` defaults to the config's run
+    directory, ``out`` to ``fuse.out``, else ``RUN/fused``; the alpha curve goes to
+    ``RUN/fusion/`` and ``RUN/report/``. URIs are worked on locally and uploaded. Raises
+    NoAlphaPassesGate (exit 4) when no alpha passes."""
+    from llamapro.publish.fuse import run_fuse
+
+    source = str(source or cfg.run.run_dir())
+    out = out or cfg.fuse.out or None
+    kw = dict(heldout=heldout, force=force, alpha_given=alpha_given, trust_remote_code=trust_remote_code,
+              say=say)
+    if not storage.is_uri(source) and not storage.is_uri(out):  # in place: run_fuse picks OUT
+        return run_fuse(cfg, source, out, **kw)
+    with _working_copy(source, out, "fused", FUSE_PULL, FUSE_PUSH) as (run, dest):
+        return run_fuse(cfg, run, dest, **kw)
+
+
+def pack_step(source: str, out: str, force: bool = False, name: str | None = None,
+              trust_remote_code: bool = False) -> dict:
+    """The inserted blocks of a trained (or expanded) run as a pack for its base (``llamapro
+    pack``); ``source`` and ``out`` may be URIs (worked on locally, then uploaded)."""
+    from llamapro.publish.pack import make_pack
+
+    with _working_copy(str(source), out, "pack", PACK_PULL, []) as (run, dest):
+        return make_pack(run, dest, force=force, name=name, trust_remote_code=trust_remote_code)
 
 
 # Overrides that turn any config into a ~3-minute smoke run of every step (tests use it).

@@ -1,7 +1,7 @@
 """`llamapro <verb>`: the command line. Each verb calls the same library function as jobs/.
 
-Exit codes: 0 success; 1 unexpected error; 2 bad input (config, arguments, checkpoint);
-3 identity proof failed.
+Exit codes (``llamapro.errors``): 0 success; 1 a failure while running; 2 bad input (config,
+arguments, checkpoint); 3 identity proof failed; 4 a regression gate failed; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import json
 import logging
 import sys
 
-EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_IDENTITY = 0, 1, 2, 3
+from llamapro.cli.exits import guarded, interrupted, report
+from llamapro.errors import EXIT_ERROR, EXIT_GATE_FAILED, EXIT_OK, LlamaproError
 
 
 def _positions(s: str) -> list[int]:
@@ -41,12 +42,8 @@ def cmd_expand(a) -> int:
 def cmd_verify(a) -> int:
     from llamapro.expand import api as steps
 
-    try:
-        meta = steps.verify_checkpoint(a.checkpoint, base=a.base, max_new_tokens=a.max_new_tokens,
-                                       trust_remote_code=a.trust_remote_code)
-    except steps.IdentityError as e:
-        print(f"FAILED: {e}", file=sys.stderr)
-        return EXIT_IDENTITY
+    meta = steps.verify_checkpoint(a.checkpoint, base=a.base, max_new_tokens=a.max_new_tokens,
+                                   trust_remote_code=a.trust_remote_code)  # IdentityError: exit 3
     print(steps.dumps(meta["verification"]) if a.json else steps.summary(meta))
     return EXIT_OK
 
@@ -76,9 +73,9 @@ def cmd_strip(a) -> int:
 
 def cmd_pack(a) -> int:
     from llamapro.expand import api as steps
-    from llamapro.publish.pack import make_pack
+    from llamapro.pipeline import pack_step
 
-    res = make_pack(a.source, a.out, force=a.force, name=a.name, trust_remote_code=a.trust_remote_code)
+    res = pack_step(a.source, a.out, force=a.force, name=a.name, trust_remote_code=a.trust_remote_code)
     print(steps.dumps(res) if a.json else
           f"pack {res['name']} -> {a.out}: {len(res['positions'])} blocks at {res['positions']} of "
           f"{res['num_layers']} layers, {res['blocks']['bytes'] / 1e6:.1f} MB\nfor the base {res['base_fingerprint']}")
@@ -112,7 +109,6 @@ def cmd_demo_model(a) -> int:
 def cmd_run(a) -> int:
     """The main job: expand -> verify -> train -> evaluate/gate -> report -> export -> serve."""
     from llamapro.config import load_config
-    from llamapro.config.eval import EXIT_GATE_FAILED
     from llamapro.pipeline import QUICK, run_pipeline
 
     cfg = load_config(a.config, (QUICK if a.quick else []) + a.overrides)
@@ -146,30 +142,26 @@ def cmd_train(a) -> int:
     return EXIT_OK
 
 
+@guarded
 def cmd_fuse(a) -> int:
-    """0 fused; 2 bad input; 4 --alpha auto: no alpha of the grid passes the regression gate."""
-    from llamapro.cli.eval import heldout_overrides, load
-    from llamapro.config.eval import EXIT_GATE_FAILED
-    from llamapro.eval import EvalError, load_heldout_file
-    from llamapro.publish.fuse import NoAlphaPassesGate, format_fusion, run_fuse
+    """0 fused; 2 bad input; 4 --alpha auto: no alpha of the grid passes the regression gate.
+    SOURCE and OUT may be URIs (a run behind a URI is downloaded, its fusion/ and report/ uploaded)."""
+    from llamapro.cli.eval import heldout_overrides
+    from llamapro.config import load_config
+    from llamapro.eval import load_heldout_file
+    from llamapro.pipeline import fuse_step
+    from llamapro.publish.fuse import format_fusion
 
     ov = list(a.overrides) + heldout_overrides(a) + [
         f"{k}={v}" for k, v in (("fuse.method", a.method), ("fuse.alpha", a.alpha), ("fuse.alphas", a.alphas),
                                 ("fuse.base", a.base), ("export.max_shard_size", a.max_shard_size),
                                 ("export.dtype", a.dtype), ("export.base_model", a.base_model)) if v is not None]
     say = (lambda m: None) if a.quiet else (lambda m: print(f"[fuse] {m}", file=sys.stderr, flush=True))
-    try:
-        cfg = load(a.config, ov)
-        heldout = {n: load_heldout_file(n, p) for n, p in a.heldout} or None
-        res = run_fuse(cfg, a.source, a.out, heldout=heldout, force=a.force, alpha_given=a.alpha is not None,
-                       trust_remote_code=a.trust_remote_code or None, say=say)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except NoAlphaPassesGate as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_GATE_FAILED
-    print(json.dumps(res, indent=2) if a.json else format_fusion(res))
+    cfg = load_config(a.config, ov)
+    heldout = {n: load_heldout_file(n, p) for n, p in a.heldout} or None
+    res = fuse_step(cfg, a.source, a.out, heldout=heldout, force=a.force, alpha_given=a.alpha is not None,
+                    trust_remote_code=a.trust_remote_code or None, say=say)  # NoAlphaPassesGate: exit 4
+    print(json.dumps(res, indent=2) if a.json else format_fusion(res), flush=True)
     return EXIT_OK
 
 
@@ -314,31 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """``llamapro ARGV``: the exit code. A deliberate llamapro error prints one line and exits with
+    its own code (``llamapro.errors``); anything else is a bug and raises with its traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from llamapro.checkpoint import CheckpointError
-    from llamapro.config import ConfigError
-    from llamapro.errors import TrainingError
-    from llamapro.expand.families import UnsupportedModelError
-    from llamapro.expand.strategies import PlacementError
-
     try:
         return args.fn(args)
-    except (ConfigError, PlacementError, CheckpointError, UnsupportedModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except TrainingError as e:  # the workers' own error lines, not Ray's wrapper traceback
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    except LlamaproError as e:  # e.g. a TrainingError: the workers' own lines, not Ray's traceback
+        return report(e)
     except KeyboardInterrupt:
-        print("interrupted; no partial output was left in place", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if type(e).__name__ == "IdentityError":
-            print(f"FAILED: {e}", file=sys.stderr)
-            return EXIT_IDENTITY
-        raise
+        return interrupted()
 
 
 if __name__ == "__main__":

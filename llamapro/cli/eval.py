@@ -16,30 +16,11 @@ import dataclasses
 import json
 import sys
 
-from llamapro.config.eval import EXIT_GATE_FAILED, EvalConfig, ExportConfig
+from llamapro.cli.exits import guarded
+from llamapro.config import load_config
+from llamapro.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK  # noqa: F401  (EXIT_BAD_INPUT: jobs/, compare)
 
-EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT = 0, 1, 2  # as in llamapro.cli
-
-
-def config_class():
-    """The config tree with the sections eval/export need. Uses llamapro.config.Config as is when
-    it already has them; otherwise extends it (until the lead wires `eval:` and `export:` in)."""
-    from llamapro.config import Config
-    from llamapro.config.train import TrainConfig
-
-    have = {f.name for f in dataclasses.fields(Config)}
-    extra = [(n, t, dataclasses.field(default_factory=t))
-             for n, t in (("train", TrainConfig), ("eval", EvalConfig), ("export", ExportConfig))
-             if n not in have]
-    if not extra:
-        return Config
-    return dataclasses.make_dataclass("Config", extra, bases=(Config,))
-
-
-def load(path, overrides):
-    from llamapro.config import load_config
-
-    return load_config(path, overrides, cls=config_class())
+load = load_config  # the old name: the config tree has every section eval/export/fuse read
 
 
 def _csv(s: str) -> list[str]:
@@ -126,10 +107,12 @@ def _say(quiet: bool):
     return (lambda m: None) if quiet else (lambda m: print(f"[eval] {m}", file=sys.stderr, flush=True))
 
 
+@guarded
 def cmd_eval(a) -> int:
-    """Returns 0 (gate passed or disabled), 2 (bad input) or 4 (gate failed)."""
-    from llamapro.config import ConfigError
-    from llamapro.eval import EvalError, format_results, load_heldout_file, run_eval
+    """Returns 0 (gate passed or disabled), 2 (bad input) or 4 (gate failed). A URI run directory
+    (--run, or the config's) is downloaded first and eval/ and report/ uploaded after."""
+    from llamapro.eval import format_results, load_heldout_file
+    from llamapro.pipeline import eval_step
 
     ov = list(a.overrides or []) + heldout_overrides(a)
     if a.base:
@@ -138,66 +121,51 @@ def cmd_eval(a) -> int:
         ov.append("eval.gate.enabled=false")
     if a.no_report:
         ov.append("eval.report=false")
-    from llamapro.checkpoint import CheckpointError
-    from llamapro.expand.families import UnsupportedModelError
-
-    try:
-        cfg = load(a.config, ov)
-        heldout = {n: load_heldout_file(n, p) for n, p in a.heldout} if a.heldout else None
-        res = run_eval(cfg, run_dir=a.run, checkpoint=a.checkpoint, heldout=heldout,
-                       trust_remote_code=a.trust_remote_code or None, say=_say(a.quiet))
-    except (EvalError, ConfigError, CheckpointError, UnsupportedModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(json.dumps(res, indent=2, ensure_ascii=False) if a.json else format_results(res))
+    cfg = load_config(a.config, ov)
+    heldout = {n: load_heldout_file(n, p) for n, p in a.heldout} if a.heldout else None
+    res = eval_step(cfg, run=a.run, checkpoint=a.checkpoint, heldout=heldout,
+                    trust_remote_code=a.trust_remote_code or None, say=_say(a.quiet))
+    print(json.dumps(res, indent=2, ensure_ascii=False) if a.json else format_results(res), flush=True)
     if not res["gate"]["passed"]:
-        print(res["gate"]["summary"], file=sys.stderr)
+        print(res["gate"]["summary"], file=sys.stderr, flush=True)
         return EXIT_GATE_FAILED
     return EXIT_OK
 
 
+@guarded
 def cmd_export(a) -> int:
-    """Returns 0 (exported) or 2 (bad input: OUT exists without --force, unreadable checkpoint)."""
-    from llamapro.checkpoint import CheckpointError
-    from llamapro.config import ConfigError
-    from llamapro.publish.export import export
-    from llamapro.expand.families import UnsupportedModelError
+    """Returns 0 (exported) or 2 (bad input: OUT exists without --force, unreadable checkpoint).
+    SOURCE and OUT may be URIs (a run behind a URI: model/, eval/, config.yaml downloaded)."""
+    from llamapro.pipeline import export_step
 
-    if getattr(a, "format", "hf") != "hf":
-        from llamapro.publish.export import export_format
-
-        try:
-            res = export_format(a.format, a.source, a.out, quant=a.quant, force=a.force,
-                                trust_remote_code=a.trust_remote_code, say=_say(a.quiet))
-        except (ConfigError, CheckpointError, UnsupportedModelError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+    fmt = getattr(a, "format", "hf")
+    cfg = load_config(a.config, [])
+    if fmt != "hf":
+        res = export_step(cfg, a.source, a.out, force=a.force, fmt=fmt, quant=a.quant,
+                          trust_remote_code=a.trust_remote_code, say=_say(a.quiet))
         print(json.dumps(res, indent=2) if a.json else
-              f"exported -> {res['path']} ({a.format}, {res['bytes'] / 2**20:.1f} MiB)")
+              f"exported -> {res['path']} ({fmt}, {res['bytes'] / 2**20:.1f} MiB)")
         return EXIT_OK
-    try:
-        cfg = load(a.config, [])
-        xc: ExportConfig = cfg.export
-        if a.max_shard_size or a.dtype:
-            xc = dataclasses.replace(xc, max_shard_size=a.max_shard_size or xc.max_shard_size,
-                                     dtype=a.dtype or xc.dtype)
-        res = export(a.source, a.out, force=a.force or xc.force, max_shard_size=xc.max_shard_size,
-                     dtype=xc.dtype, trust_remote_code=a.trust_remote_code or cfg.model.trust_remote_code,
-                     base_model=a.base_model or xc.base_model or None, license=xc.license or None,
-                     say=_say(a.quiet))
-    except (ConfigError, CheckpointError, UnsupportedModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    xc = cfg.export
+    xc = dataclasses.replace(xc, max_shard_size=a.max_shard_size or xc.max_shard_size, dtype=a.dtype or xc.dtype,
+                             base_model=a.base_model or xc.base_model)
+    res = export_step(dataclasses.replace(cfg, export=xc), a.source, a.out, force=a.force,
+                      trust_remote_code=a.trust_remote_code or None, say=_say(a.quiet))
     if a.json:
         print(json.dumps(res, indent=2))
     else:
-        print(f"exported -> {res['out']} ({res['num_layers']} layers, {res['dtype']}, "
-              f"{len(res['shards'])} shard(s), fingerprint {res['fingerprint']})")
-        if res["merged_adapter"]:
-            print(f"merged adapter {res['merged_adapter']}")
-        if res["gate"]:
-            print(res["gate"]["summary"])
-        if res["stale_partial_exports"]:
-            print(f"note: partial exports left by interrupted runs (safe to delete): "
-                  f"{', '.join(res['stale_partial_exports'])}", file=sys.stderr)
+        print_export(res)
     return EXIT_OK
+
+
+def print_export(res: dict) -> None:
+    """What `llamapro export` and jobs/export.py print for an HF export."""
+    print(f"exported -> {res['out']} ({res['num_layers']} layers, {res['dtype']}, "
+          f"{len(res['shards'])} shard(s), fingerprint {res['fingerprint']})")
+    if res["merged_adapter"]:
+        print(f"merged adapter {res['merged_adapter']}")
+    if res["gate"]:
+        print(res["gate"]["summary"])
+    if res["stale_partial_exports"]:
+        print(f"note: partial exports left by interrupted runs (safe to delete): "
+              f"{', '.join(res['stale_partial_exports'])}", file=sys.stderr)
