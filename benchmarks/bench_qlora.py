@@ -23,28 +23,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_line  # noqa: E402
+from machine import cpu_line
 
 
 def child(kind: str, model_dir: str, steps: int, seq: int, batch: int) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llamapro.checkpoint import read_metadata
+    from llamapro.artifacts import read_metadata
+    from llamapro.loading import load_model, load_tokenizer
     from llamapro.publish.quant import heldout_windows
     from llamapro.train.quantize import load_quantized_base, weight_bytes
 
     torch.manual_seed(0)
-    new = read_metadata(Path(model_dir))["new_layer_indices"]
+    new = read_metadata(Path(model_dir)).new_layer_indices
     if kind == "fp32":
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = load_model(model_dir, dtype=torch.float32, eval_mode=False)
         pre = tuple(f"model.layers.{i}." for i in new)
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith(pre))
     else:
         model = load_quantized_base(model_dir, kind)
     model.train()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     data = heldout_windows(tok, n=steps * batch, seq=seq, source="python-docs")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4)
@@ -75,8 +75,8 @@ def main() -> None:
     if a.child:
         return child(a.child[0], a.child[1], a.steps, a.seq, a.batch)
 
-    from llamapro.expand import api as steps
     from llamapro.demo import ensure_demo_model
+    from llamapro.expand import api as steps
 
     print(f"# {time.strftime('%Y-%m-%d')}  {cpu_line()}")
     print(f"# SmolLM2-135M-Instruct 30 -> 36 layers (6 new), {a.steps} AdamW steps, batch {a.batch} x {a.seq} "

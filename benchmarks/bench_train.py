@@ -179,12 +179,13 @@ def main() -> None:
 
     import ray
 
-    from llamapro.expand import api as steps
     from llamapro.config import DataConfig, SourceConfig
+    from llamapro.config.train import TrainConfig
     from llamapro.data import build_train_dataset
     from llamapro.demo import ensure_demo_model
+    from llamapro.expand import api as steps
+    from llamapro.runtime import ensure_ray
     from llamapro.train import run_training
-    from llamapro.config.train import TrainConfig
 
     cpu = cpu_summary()
     print(f"CPU: {cpu['model']}, {cpu['cores']} cores, torch {cpu['torch_capability']}, flags "
@@ -201,8 +202,8 @@ def main() -> None:
     data = DataConfig(seq_len=256, actors=1, sources=[
         SourceConfig(name="debian-manuals", paths=["demo:debian-manuals"], weight=0.7),
         SourceConfig(name="python-docs", paths=["demo:python-docs"], weight=0.3)])
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             _system_config={"worker_niceness": 0})
+    ensure_ray("bench_train", num_cpus=4, include_dashboard=False, log_to_driver=False,
+               _system_config={"worker_niceness": 0})
     # the same blocks in the same order for every row: loss curves are comparable
     ds = build_train_dataset(data, str(exp)).limit(4 * 2 * (a.steps + 2)).materialize()
     idle = _tree_pss(os.getpid())

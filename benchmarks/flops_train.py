@@ -50,11 +50,15 @@ def main() -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from llamapro.checkpoint import read_metadata
+    from llamapro.artifacts import read_metadata
+    from llamapro.config.train import TrainConfig
     from llamapro.train.loss import causal_lm_ce_sum
     from llamapro.train.model import load_model
-    from llamapro.train.params import apply_checkpointing, decoder_layers, select_parameters
-    from llamapro.config.train import TrainConfig
+    from llamapro.train.params import (
+        apply_checkpointing,
+        decoder_layers,
+        select_parameters,
+    )
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="an expanded checkpoint (default: expand the demo)")
@@ -65,14 +69,14 @@ def main() -> None:
     if model_dir is None:
         import tempfile
 
-        from llamapro.expand import api as steps
         from llamapro.demo import ensure_demo_model
+        from llamapro.expand import api as steps
 
         model_dir = str(Path(tempfile.mkdtemp()) / "expanded")
         steps.expand(str(ensure_demo_model()), model_dir, blocks=6, strategy="even", verify=False,
                      progress=False)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    new = sorted(read_metadata(Path(model_dir))["new_layer_indices"])
+    new = sorted(read_metadata(Path(model_dir)).new_layer_indices)
     peak, what = peak_gflops()
     tokens = a.batch * a.seq
     ids = torch.randint(0, 1000, (a.batch, a.seq))

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from llamapro import storage
-from llamapro.checkpoint import METADATA_FILE, read_metadata
+from llamapro.artifacts import METADATA_FILE, read_metadata
 from llamapro.config.train import TrainConfig
 from llamapro.errors import TrainingError
 from llamapro.expand.api import require_proven
@@ -54,7 +54,7 @@ def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_s
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     meta = read_metadata(Path(model_dir))
-    new_layers = sorted(meta["new_layer_indices"]) if meta else []
+    new_layers = sorted(meta.new_layer_indices) if meta else []
     if tc.mode == "llamapro":  # library callers too: never train an expansion whose proof did not pass
         require_proven(meta, tc.allow_unproven, str(model_dir))
     if tc.mode == "llamapro" and not new_layers:

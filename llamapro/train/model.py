@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import torch
 
+from llamapro import loading
 from llamapro.config.train import TrainConfig
 
 
 def load_model(model_dir: str, dtype, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
-                                                trust_remote_code=trust_remote_code)
+    """The checkpoint's causal LM in ``dtype``, on the CPU, in train mode (safetensors only)."""
+    return loading.load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                              eval_mode=False, check_weights=False)
 
 
 def uses_lora(tc: TrainConfig) -> bool:

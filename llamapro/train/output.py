@@ -4,21 +4,21 @@ carried over and a ``training`` record added, uploaded when the run has an outpu
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from llamapro import storage
-from llamapro.checkpoint import (
-    METADATA_FILE,
+from llamapro.artifacts import (
     METADATA_VERSION,
-    atomic_dir,
-    copy_side_files,
+    ExpansionMetadata,
+    TrainingRecord,
     read_metadata,
+    write_metadata,
 )
 from llamapro.config.train import TrainConfig
+from llamapro.tensors import atomic_dir, copy_side_files
 from llamapro.train.model import load_model, overlay_trained, uses_lora, wrap_lora
 
 
@@ -37,24 +37,23 @@ def write_final(config: dict, tc: TrainConfig, trained: dict, state: dict, stage
         model = model.merge_and_unload()
     else:
         overlay_trained(model, trained)
-    meta = read_metadata(Path(config["model_dir"])) or {
+    meta = ExpansionMetadata(read_metadata(Path(config["model_dir"])) or {
         "version": METADATA_VERSION, "kind": "base", "new_layer_indices": [], "num_layers":
-        model.config.num_hidden_layers}
-    meta = dict(meta)
-    meta["kind"] = "trained"
-    meta["training"] = {
-        "mode": tc.mode, "config": asdict(tc), "stages": [s.to_dict() for s in stages],
-        "steps": state["global_step"], "tokens": state["tokens"], "train_seconds": state["elapsed"],
-        "early_stopped_stages": state["early_stopped"], "best_eval_loss": state["best_eval"],
-        "originals_frozen": tc.mode == "llamapro" and tc.original_lr == 0 and not tc.train_norms
+        model.config.num_hidden_layers})
+    meta.kind = "trained"
+    meta.training = TrainingRecord(
+        mode=tc.mode, config=asdict(tc), stages=[s.to_dict() for s in stages],
+        steps=state["global_step"], tokens=state["tokens"], train_seconds=state["elapsed"],
+        early_stopped_stages=state["early_stopped"], best_eval_loss=state["best_eval"],
+        originals_frozen=tc.mode == "llamapro" and tc.original_lr == 0 and not tc.train_norms
         and not tc.train_embeddings and not tc.train_lm_head,
-        "trained_from": config.get("model_uri") or config["model_dir"],
-        "dtype": dtype_info or {},
-    }
+        trained_from=config.get("model_uri") or config["model_dir"],
+        dtype=dtype_info or {},
+    )
     with atomic_dir(out, force=True) as tmp:
         model.save_pretrained(tmp)
         copy_side_files(Path(config["model_dir"]), tmp)
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        write_metadata(tmp, meta)
     if config.get("out_uri"):  # the driver (maybe on another node) fetches it from there
         storage.upload(out, storage.join(config["out_uri"], "model"))
         storage.upload(Path(config["out_dir"]) / "metrics.jsonl", storage.join(config["out_uri"], "metrics.jsonl"))

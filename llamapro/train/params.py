@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from llamapro.checkpoint import weight_files
 from llamapro.config.train import TrainConfig
 from llamapro.expand.surgery import find_layers
+from llamapro.tensors import weight_files
 
 
 def layer_prefix(model) -> str:

@@ -20,7 +20,16 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+from llamapro import loading
+from llamapro.artifacts import (
+    ExpansionMetadata,
+    TrainingRecord,
+    read_metadata,
+    require_metadata,
+    write_metadata,
+)
 from llamapro.errors import QuantizeError
+from llamapro.tensors import atomic_dir, weight_files
 
 QUANTIZE_BASES = ("none", "nf4", "int8")
 
@@ -55,20 +64,17 @@ def load_quantized_base(model_dir, kind: str, new_layer_indices=None, compute_dt
     if importlib.util.find_spec("bitsandbytes") is None:
         raise QuantizeError("train.quantize_base needs bitsandbytes: pip install 'llamapro[quant]'")
     import torch
-    from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
     if new_layer_indices is None:
-        from llamapro.checkpoint import require_metadata
-
-        new_layer_indices = require_metadata(model_dir).get("new_layer_indices") or []
+        new_layer_indices = require_metadata(model_dir).new_layer_indices
     if not new_layer_indices:
         raise QuantizeError(f"{model_dir} records no inserted blocks: there is nothing to train "
                             "beside a quantized base (expand it first)")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), quantization_config=bnb_config(kind, new_layer_indices, compute_dtype),
+    model = loading.load_model(
+        model_dir, quantization_config=bnb_config(kind, new_layer_indices, compute_dtype),
         dtype=getattr(torch, compute_dtype), device_map="cpu" if not torch.cuda.is_available() else None,
-        trust_remote_code=trust_remote_code)
+        trust_remote_code=trust_remote_code, check_weights=False)
     prefixes = tuple(p + "." for p in block_prefixes(new_layer_indices))
     for n, p in model.named_parameters():
         p.requires_grad_(n.startswith(prefixes))
@@ -106,16 +112,9 @@ def write_full_precision(trained, expanded_dir, out, force: bool = False) -> dic
     was; side files copied. Written atomically to ``out``."""
     from safetensors.torch import load_file, save_file
 
-    from llamapro.checkpoint import (
-        atomic_dir,
-        read_metadata,
-        weight_files,
-        write_metadata,
-    )
-
     expanded_dir = Path(expanded_dir)
     info = getattr(trained, "llamapro_quantized", None) or {}
-    idx = info.get("new_layer_indices") or (read_metadata(expanded_dir) or {}).get("new_layer_indices") or []
+    idx = info.get("new_layer_indices") or (read_metadata(expanded_dir) or ExpansionMetadata()).new_layer_indices
     prefixes = tuple(p + "." for p in block_prefixes(idx))
     new = {k: v.detach().cpu() for k, v in trained.state_dict().items() if k.startswith(prefixes)}
     if not new:
@@ -137,7 +136,9 @@ def write_full_precision(trained, expanded_dir, out, force: bool = False) -> dic
         missing = sorted(set(new) - replaced)
         if missing:
             raise QuantizeError(f"trained tensors not found in {expanded_dir}: {missing[:5]}")
-        meta = read_metadata(expanded_dir) or {}
-        meta.setdefault("training", {})["quantize_base"] = info.get("kind")
+        meta = read_metadata(expanded_dir) or ExpansionMetadata()
+        training = meta.training or TrainingRecord()
+        training["quantize_base"] = info.get("kind")
+        meta.training = training
         write_metadata(tmp, meta)
     return {"out": str(out), "replaced_tensors": len(replaced)}

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llamapro.config.train import TrainConfig
 from llamapro.expand import api as steps
 from llamapro.train import run_training
-from llamapro.config.train import TrainConfig
 from tests.tiny_models import tiny_model
 
 pytestmark = pytest.mark.integration
@@ -27,10 +27,10 @@ SEQ = 32
 def ray_local():
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        # more logical CPUs than cores: Ray Data must not starve behind the Train workers
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from llamapro.runtime import ensure_ray
+
+    # more logical CPUs than cores: Ray Data must not starve behind the Train workers
+    started = ensure_ray("train tests", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     if started:
         ray.shutdown()

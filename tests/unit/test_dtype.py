@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llamapro.config.train import TrainConfig
+from llamapro.errors import ConfigError
 from llamapro.train import params as train_params
 from llamapro.train import precision
-from llamapro.errors import ConfigError
 from llamapro.train.loss import causal_lm_ce_sum
-from llamapro.config.train import TrainConfig
 from tests.tiny_models import tiny_model
 
 CPU = torch.device("cpu")

@@ -7,17 +7,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llamapro.artifacts import read_metadata
 from llamapro.expand import api as steps
-from llamapro.checkpoint import read_metadata
-from llamapro.train.quantize import QuantizeError, load_quantized_base, trainable_names, weight_bytes, write_full_precision
+from llamapro.train.quantize import (
+    QuantizeError,
+    load_quantized_base,
+    trainable_names,
+    weight_bytes,
+    write_full_precision,
+)
 
 
 @pytest.fixture(scope="module")
 def grown(tmp_path_factory):
     """A tiny Llama whose Linear inputs are multiples of 64 (bitsandbytes' CPU 4-bit block), 4 -> 6 layers."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from eval_support import char_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("qb")
     torch.manual_seed(0)

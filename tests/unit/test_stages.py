@@ -1,8 +1,14 @@
 import pytest
 
 from llamapro.config import ConfigError, from_dict
-from llamapro.train.stages import ScheduleError, allocate, build_stages, normalise_ratios, split_groups
 from llamapro.config.train import TrainConfig
+from llamapro.train.stages import (
+    ScheduleError,
+    allocate,
+    build_stages,
+    normalise_ratios,
+    split_groups,
+)
 
 
 def test_groups_bottom_to_top_and_cumulative_unfreezing():
@@ -75,9 +81,9 @@ def test_deepspeed_config_is_a_pure_function_with_user_override(tmp_path):
 def test_select_parameters_trains_only_the_stage_and_modules():
     import copy
 
+    from llamapro.expand.strategies import plan
     from llamapro.expand.surgery import expand_model
     from llamapro.train.stages import build_stages
-    from llamapro.expand.strategies import plan
     from tests.tiny_models import tiny_model
 
     m = tiny_model("llama")
