@@ -29,7 +29,7 @@ The parts, in the order an experiment uses them: ``space`` (the search space and
 
 from __future__ import annotations
 
-from llamapro.tune.driver import concurrency, ensure_tune_ray, init_local_ray, run_tune
+from llamapro.tune.driver import concurrency, ensure_tune_ray, run_tune
 from llamapro.tune.objective import METRIC, MODE, TIME_ATTR, TrialObjective, objective_metrics
 from llamapro.tune.plan import (
                                 EXPERIMENT_DIR,
@@ -66,7 +66,7 @@ from llamapro.tune.trial import (
 __all__ = [
     "EXPERIMENT_DIR", "METRIC", "MODE", "SHARED_MAX_TOKENS", "SPEC_FILE", "STOPS_FILE", "TIME_ATTR",
     "TrialObjective", "_reporting", "apply_params", "base_losses", "check_space_values", "check_stages",
-    "collect_rows", "concurrency", "ensure_tune_ray", "eval_rows_of", "format_summary", "init_local_ray",
+    "collect_rows", "concurrency", "ensure_tune_ray", "eval_rows_of", "format_summary",
     "largest", "max_over_budgets", "objective_metrics", "objective_sets", "pareto_front", "pick_best",
     "plan_experiment", "plot_pareto", "prepare_shared", "run_trial", "run_tune", "search_space",
     "shares_data", "steps_of", "train_blocks_of", "training_yaml", "trial_config", "trial_evals",

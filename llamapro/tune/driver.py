@@ -16,6 +16,7 @@ from pathlib import Path
 
 from llamapro.config import Config, ConfigError, from_dict, to_dict
 from llamapro.jsonl import append_record
+from llamapro.runtime import ensure_ray
 from llamapro.tune.objective import METRIC, MODE, TIME_ATTR
 from llamapro.tune.plan import EXPERIMENT_DIR, SPEC_FILE, STOPS_FILE, plan_experiment, spec_digest
 from llamapro.tune.results import collect_rows, write_outputs
@@ -23,52 +24,30 @@ from llamapro.tune.space import search_space
 from llamapro.tune.trial import prepare_shared, run_trial
 
 
-def init_local_ray(num_cpus: int, resources: dict, **kw) -> str:
-    """Start a local Ray cluster whose workers know its address (RAY_ADDRESS in the job's
-    runtime env). Train V2's PlacementGroupCleaner finds the cluster through the State API with no
-    address; with another Ray instance on the machine it cannot tell which is ours, its monitor
-    dies, and a stopped trial's placement group leaks (the next trial then waits forever). The GCS
-    port is chosen up front so the address is known before the workers start."""
-    import socket
-
-    import ray
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    address = f"{ray.util.get_node_ip_address()}:{port}"
-    old = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    try:
-        ray.init(address="local", num_cpus=num_cpus, resources=resources,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": address}}, **kw)
-    finally:
-        if old is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = old
-    return ray.get_runtime_context().gcs_address
-
-
 def ensure_tune_ray(cfg: Config, plan: dict) -> int | None:
     """Join the job's cluster (RAY_ADDRESS) or start a local one sized for the trials, with the
     driver resource and the dashboard (Train V2 cleans up a stopped trial's placement group through
     the State API the dashboard serves; without it the next trial hung). Returns the number of
-    trials the local machine's cores hold when it started the cluster, else None."""
+    trials the local machine's cores hold when it started the cluster, else None.
+
+    The local cluster publishes its address to its workers (``publish_address``): Train V2's
+    PlacementGroupCleaner finds the cluster through the State API with no address; with another Ray
+    instance on the machine it cannot tell which is ours, its monitor dies, and a stopped trial's
+    placement group leaks (the next trial then waits forever)."""
     import ray
 
     r = cfg.tune.driver_resource
     local = None
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=True)
-        else:
-            per = plan["trial_resources"]["CPU"]
-            local = cfg.tune.max_concurrent or max(1, (os.cpu_count() or 1) // per)
-            # logical CPUs beyond the trials' own: Ray Data's actors must never starve (with every CPU held by Train they wait silently)
-            extra = int(cfg.data.actors * cfg.data.cpus_per_actor) + 1
-            init_local_ray(max(4, local * per + extra), {r: 100}, include_dashboard=True,
-                           log_to_driver=True)
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        ensure_ray("tune", log_to_driver=True)  # the job's cluster (nothing to do when connected)
+    else:
+        per = plan["trial_resources"]["CPU"]
+        local = cfg.tune.max_concurrent or max(1, (os.cpu_count() or 1) // per)
+        # logical CPUs beyond the trials' own: Ray Data's actors must never starve (with every CPU
+        # held by Train they wait silently)
+        extra = int(cfg.data.actors * cfg.data.cpus_per_actor) + 1
+        ensure_ray("tune", num_cpus=max(4, local * per + extra), resources={r: 100},
+                   include_dashboard=True, log_to_driver=True, publish_address=True)
     if ray.cluster_resources().get(r, 0) <= 0:
         raise ConfigError(
             f"the Ray cluster declares no {r!r} resource, which each trial's driver takes 0.01 of: "

@@ -10,11 +10,11 @@ import json
 import os
 from pathlib import Path
 
-from llamapro.checkpoint import read_config
 from llamapro.config import Config, ConfigError, from_dict, to_dict
 from llamapro.demo import resolve_model
 from llamapro.expand.api import resolve_local
 from llamapro.expand.families import num_layers_of
+from llamapro.tensors import read_config
 from llamapro.tune.space import (
     check_space_values,
     eval_rows_of,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from llamapro.checkpoint import read_metadata
+from llamapro.artifacts import read_metadata
 from llamapro.config import Config, from_dict
 from llamapro.jsonl import read_records
 from llamapro.tune.plan import STOPS_FILE
@@ -67,8 +67,8 @@ def collect_rows(grid, plan: dict) -> list[dict]:
         meta = read_metadata(rd / "expanded") if (rd / "expanded").is_dir() else None
         row = {"trial_id": tid, "status": status}
         row.update({k: _cell((r.config or {}).get(k)) for k in plan["space"]})
-        row["new_layers"] = _cell(meta["new_layer_indices"]) if meta else None
-        row["num_layers"] = meta.get("num_layers") if meta else None
+        row["new_layers"] = _cell(meta.new_layer_indices) if meta else None
+        row["num_layers"] = meta.num_layers if meta else None
         row.update({"step": m.get("step"), "tokens": m.get("tokens")})
         for s in sets:
             row[f"base_loss/{s}"] = _cell(m.get(f"base_loss/{s}"))

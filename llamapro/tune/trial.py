@@ -13,12 +13,14 @@ from pathlib import Path
 
 import yaml
 
-from llamapro.checkpoint import read_metadata, write_json_atomic
+from llamapro.artifacts import ExpansionMetadata, read_metadata
 from llamapro.config import Config, ConfigError, from_dict, to_dict
 from llamapro.data import build_train_dataset, load_tokenizer
-from llamapro.eval import heldout_loss, load_model
+from llamapro.eval import heldout_loss
 from llamapro.expand.api import require_proven
+from llamapro.loading import load_model
 from llamapro.pipeline import eval_blocks, expand_step, expanded_dir, run_dir
+from llamapro.tensors import write_json_atomic
 from llamapro.tune.objective import TrialObjective
 from llamapro.tune.space import apply_params, check_stages, eval_rows_of, shares_data
 
@@ -44,7 +46,7 @@ def base_losses(base_dir: str, evals: dict, cache_dir: Path, batch_size: int, dt
         return json.loads(path.read_text())
     import torch
 
-    model = load_model(base_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_model(base_dir, dtype=dtype, device="auto", trust_remote_code=trust_remote_code)
     out = {name: heldout_loss(model, blocks, batch_size=batch_size)["loss"] for name, blocks in evals.items()}
     del model
     if torch.cuda.is_available():
@@ -132,10 +134,10 @@ def run_trial(params: dict, plan: dict, shared: dict | None = None) -> None:
     # expansion inside the trial, from the base, streaming; a restarted trial reuses its own
     exp = expanded_dir(cfg)
     meta = read_metadata(exp) if exp.is_dir() else None
-    if meta is None or (cfg.expand.verify and not (meta.get("verification") or {}).get("ok")):
-        meta = expand_step(cfg, force=True, progress=False)
+    if meta is None or (cfg.expand.verify and not (meta.verification or {}).get("ok")):
+        meta = ExpansionMetadata.of(expand_step(cfg, force=True, progress=False))
     require_proven(meta, cfg.train.allow_unproven, str(exp))
-    check_stages(cfg, len(meta["new_layer_indices"]))
+    check_stages(cfg, len(meta.new_layer_indices))
     tc = cfg.train
     # every held-out evaluation is a Tune report (ASHA decides there) and a checkpoint
     tc_run = dataclasses.replace(tc, checkpoint_every=tc.eval_every)
