@@ -265,12 +265,16 @@ class Config:
     """The serve section, validated strictly by llamapro.serve.ServeConfig when serving starts
     (it lives beside the Serve app, which imports Ray; `llamapro run` validates it up front)."""
 
+    def __post_init__(self):
+        # tune.space names keys of this tree: checked here, where the whole tree is known
+        check_space(self.tune.space, Config)
+
 
 # The step sections live beside their steps (pure modules, no torch/ray); they import ConfigError
 # from here, so they are imported after it exists.
 from llamapro.config.eval import EvalConfig, ExportConfig, FuseConfig  # noqa: E402
 from llamapro.config.train import TrainConfig  # noqa: E402
-from llamapro.config.tune import TuneConfig  # noqa: E402
+from llamapro.config.tune import TuneConfig, check_space  # noqa: E402
 
 
 # --- machinery ------------------------------------------------------------------------------------
