@@ -11,7 +11,8 @@ from llamapro.config.train import TrainConfig
 
 
 def load_model(model_dir: str, dtype, trust_remote_code: bool = False):
-    """The checkpoint's causal LM in ``dtype``, on the CPU, in train mode (safetensors only)."""
+    """The checkpoint's causal LM in ``dtype`` on the CPU, as transformers returns it (safetensors
+    only; the recipe switches it to train mode)."""
     return loading.load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
                               eval_mode=False, check_weights=False)
 
