@@ -18,13 +18,13 @@ from llamapro.config import Config, ConfigError, from_dict, to_dict
 from llamapro.jsonl import append_record
 from llamapro.runtime import ensure_ray
 from llamapro.tune.objective import METRIC, MODE, TIME_ATTR
-from llamapro.tune.plan import EXPERIMENT_DIR, SPEC_FILE, STOPS_FILE, plan_experiment, spec_digest
+from llamapro.tune.plan import EXPERIMENT_DIR, SPEC_FILE, STOPS_FILE, TunePlan, plan_experiment, spec_digest
 from llamapro.tune.results import collect_rows, write_outputs
 from llamapro.tune.space import search_space
 from llamapro.tune.trial import prepare_shared, run_trial
 
 
-def ensure_tune_ray(cfg: Config, plan: dict) -> int | None:
+def ensure_tune_ray(cfg: Config, plan: TunePlan) -> int | None:
     """Join the job's cluster (RAY_ADDRESS) or start a local one sized for the trials, with the
     driver resource and the dashboard (Train V2 cleans up a stopped trial's placement group through
     the State API the dashboard serves; without it the next trial hung). Returns the number of
@@ -41,7 +41,7 @@ def ensure_tune_ray(cfg: Config, plan: dict) -> int | None:
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
         ensure_ray("tune", log_to_driver=True)  # the job's cluster (nothing to do when connected)
     else:
-        per = plan["trial_resources"]["CPU"]
+        per = plan.trial_resources["CPU"]
         local = cfg.tune.max_concurrent or max(1, (os.cpu_count() or 1) // per)
         # logical CPUs beyond the trials' own: Ray Data's actors must never starve (with every CPU
         # held by Train they wait silently)
@@ -56,13 +56,13 @@ def ensure_tune_ray(cfg: Config, plan: dict) -> int | None:
     return local
 
 
-def concurrency(cfg: Config, plan: dict, local: int | None = None, say=print) -> int:
+def concurrency(cfg: Config, plan: TunePlan, local: int | None = None, say=print) -> int:
     """Trials at once: what the cluster's CPUs (and GPUs) hold (on a cluster started here, what the
     machine's cores hold), capped by tune.max_concurrent."""
     import ray
 
     total = ray.cluster_resources()
-    need = {k: v for k, v in plan["trial_resources"].items() if v > 0}
+    need = {k: v for k, v in plan.trial_resources.items() if v > 0}
     fits = min(int(total.get(k, 0) // v) for k, v in need.items())
     if fits < 1:
         raise ConfigError(f"one trial needs {need} (Train workers + Ray Data actors) but the cluster "
@@ -77,13 +77,13 @@ def concurrency(cfg: Config, plan: dict, local: int | None = None, say=print) ->
     return min(want, fits) if want else fits
 
 
-def _scheduler(cfg: Config, plan: dict):
+def _scheduler(cfg: Config, plan: TunePlan):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
     s = cfg.tune.scheduler
     if s.type == "fifo":
         return FIFOScheduler()
-    stops = Path(plan["exp_dir"]) / STOPS_FILE
+    stops = Path(plan.exp_dir) / STOPS_FILE
 
     class RecordingASHA(ASHAScheduler):
         """ASHA that writes down which trials it stopped early, and where."""
@@ -93,11 +93,11 @@ def _scheduler(cfg: Config, plan: dict):
             if action == TrialScheduler.STOP and not result.get("final"):
                 step = result.get(TIME_ATTR)
                 rec = {"trial_id": trial.trial_id, "step": step, METRIC: result.get(METRIC),
-                       "reason": "max_t" if step is not None and step >= plan["max_t"] else "asha"}
+                       "reason": "max_t" if step is not None and step >= plan.max_t else "asha"}
                 append_record(stops, rec)
             return action
 
-    return RecordingASHA(time_attr=TIME_ATTR, max_t=plan["max_t"], grace_period=s.grace_period,
+    return RecordingASHA(time_attr=TIME_ATTR, max_t=plan.max_t, grace_period=s.grace_period,
                          reduction_factor=s.reduction_factor, brackets=s.brackets)
 
 
@@ -108,8 +108,8 @@ def run_tune(cfg: Config, force: bool = False, say=print) -> dict:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     plan = plan_experiment(cfg)
-    cfg = from_dict(Config, plan["base"])  # absolute paths, the base resolved to its directory
-    exp_dir = Path(plan["exp_dir"])
+    cfg = from_dict(Config, plan.base)  # absolute paths, the base resolved to its directory
+    exp_dir = Path(plan.exp_dir)
     exp_path = exp_dir / EXPERIMENT_DIR
     spec = {"digest": spec_digest(plan), "tune": to_dict(cfg.tune)}
     if force and exp_dir.exists():
@@ -139,10 +139,10 @@ def run_tune(cfg: Config, force: bool = False, say=print) -> dict:
         (exp_dir / SPEC_FILE).write_text(json.dumps(spec, indent=1, default=str) + "\n")
         (exp_dir / STOPS_FILE).unlink(missing_ok=True)
         n = concurrency(cfg, plan, local, say)
-        say(f"[tune] {plan['name']}: {cfg.tune.num_samples} sample(s) of {list(plan['space'])}, "
-            f"{n} trial(s) at a time, scheduler {cfg.tune.scheduler.type} (max_t {plan['max_t']} steps)")
+        say(f"[tune] {plan.name}: {cfg.tune.num_samples} sample(s) of {list(plan.space)}, "
+            f"{n} trial(s) at a time, scheduler {cfg.tune.scheduler.type} (max_t {plan.max_t} steps)")
         tuner = tune.Tuner(
-            trainable, param_space=search_space(plan["space"]),
+            trainable, param_space=search_space(plan.space),
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode=MODE, num_samples=cfg.tune.num_samples,
                 scheduler=_scheduler(cfg, plan),

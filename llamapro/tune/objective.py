@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from llamapro.tune.plan import TunePlan
+
 METRIC, MODE, TIME_ATTR = "objective", "max", "step"
 """What Tune optimises, in which direction, and the clock of its scheduler (optimizer steps)."""
 
@@ -39,9 +41,10 @@ class TrialObjective:
     max_forgetting: float | None
 
     @classmethod
-    def of(cls, baseline: dict, plan: dict) -> "TrialObjective":
-        return cls(dict(baseline), list(plan["domain_sets"]), list(plan["retention_sets"]),
-                   plan["penalty"], plan["max_forgetting"])
+    def of(cls, baseline: dict, plan: TunePlan | dict) -> "TrialObjective":
+        plan = TunePlan.of(plan)
+        return cls(dict(baseline), list(plan.domain_sets), list(plan.retention_sets),
+                   plan.penalty, plan.max_forgetting)
 
     def __call__(self, metrics: dict) -> dict:
         losses = {n: float(metrics.get(f"eval_loss/{n}", b)) for n, b in self.baseline.items()}

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from llamapro.artifacts import Record
 from llamapro.config import Config, ConfigError, from_dict, to_dict
 from llamapro.demo import resolve_model
 from llamapro.expand.api import resolve_local
@@ -32,6 +33,32 @@ SHARED_MAX_TOKENS = 20_000_000
 """Up to this many training tokens per trial, the driver tokenizes the training blocks once and every
 trial reads the same materialized blocks (nobody re-tokenizes, and trials differ only in what the
 space varies). Larger budgets stream per trial."""
+
+
+def _key(key: str, doc: str):
+    return property(lambda self: self[key], doc=doc)
+
+
+class TunePlan(Record):
+    """The plan of an experiment (``plan_experiment``): what the driver and every trial read. A
+    ``dict`` (it travels to the trials with the trainable and its spec part is hashed as JSON)
+    with a typed property per key."""
+
+    name: str = _key("name", "the experiment's name: its directory under run.output_dir")
+    exp_dir: str = _key("exp_dir", "the experiment directory (see llamapro.tune)")
+    base: dict = _key("base", "the config every trial starts from: local paths absolute, the base "
+                              "model resolved to its directory")
+    space: dict = _key("space", "tune.space: dotted key -> {distribution: arguments}")
+    domain_sets: list = _key("domain_sets", "held-out sets of the new domain (the gain)")
+    retention_sets: list = _key("retention_sets", "held-out sets of what the base knew (forgetting)")
+    penalty: float = _key("penalty", "tune.forgetting_penalty")
+    max_forgetting: float | None = _key("max_forgetting", "tune.max_forgetting (None: no bound)")
+    trial_resources: dict = _key("trial_resources", "what one trial holds: CPU (and GPU)")
+    max_t: int = _key("max_t", "the scheduler's last rung (optimizer steps)")
+    max_train_blocks: int = _key("max_train_blocks", "the most training blocks a trial can read")
+    shared_train: bool = _key("shared_train", "whether the driver tokenizes the training blocks "
+                                              "once for every trial")
+    max_eval_rows: int = _key("max_eval_rows", "the most held-out rows a trial evaluates per set")
 
 
 def _absolute(d: dict, cwd: Path) -> dict:
@@ -69,7 +96,7 @@ def objective_sets(cfg: Config) -> tuple[list[str], list[str]]:
     return domain, retention
 
 
-def plan_experiment(cfg: Config, cwd: Path | None = None) -> dict:
+def plan_experiment(cfg: Config, cwd: Path | None = None) -> TunePlan:
     """Everything a trial needs, validated and with absolute paths; nothing is started."""
     t = cfg.tune
     if not t.space:
@@ -96,16 +123,18 @@ def plan_experiment(cfg: Config, cwd: Path | None = None) -> dict:
     if not shared_train:
         per_trial_cpus += largest(t.space, base, "data.actors") * largest(t.space, base, "data.cpus_per_actor")
     gpus = largest(t.space, base, "train.num_workers") if largest(t.space, base, "train.use_gpu") else 0
-    return {"name": name, "exp_dir": str(exp_dir), "base": base, "space": t.space,
-            "domain_sets": domain, "retention_sets": retention,
-            "penalty": t.forgetting_penalty, "max_forgetting": t.max_forgetting,
-            "trial_resources": {"CPU": per_trial_cpus, **({"GPU": gpus} if gpus else {})},
-            "max_t": t.scheduler.max_t or max_over_budgets(t.space, base, steps_of),
-            "max_train_blocks": max_blocks, "shared_train": shared_train,
-            "max_eval_rows": max_over_budgets(t.space, base, eval_rows_of)}
+    return TunePlan({"name": name, "exp_dir": str(exp_dir), "base": base, "space": t.space,
+                     "domain_sets": domain, "retention_sets": retention,
+                     "penalty": t.forgetting_penalty, "max_forgetting": t.max_forgetting,
+                     "trial_resources": {"CPU": per_trial_cpus, **({"GPU": gpus} if gpus else {})},
+                     "max_t": t.scheduler.max_t or max_over_budgets(t.space, base, steps_of),
+                     "max_train_blocks": max_blocks, "shared_train": shared_train,
+                     "max_eval_rows": max_over_budgets(t.space, base, eval_rows_of)})
 
 
-def spec_digest(plan: dict) -> str:
+def spec_digest(plan: TunePlan) -> str:
+    """What an interrupted experiment must share with this one to be resumed: the base config,
+    the space and the objective."""
     keep = {k: plan[k] for k in ("base", "space", "domain_sets", "retention_sets", "penalty",
                                  "max_forgetting")}
     return hashlib.blake2b(json.dumps(keep, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()

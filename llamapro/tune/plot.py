@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from llamapro.tune.plan import TunePlan
+
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both axes (less forgetting, more gain),
@@ -27,7 +29,7 @@ def _label(row: dict, keys: list[str]) -> str:
     return ", ".join(parts)
 
 
-def plot_pareto(rows: list[dict], plan: dict, best: dict | None, path: Path) -> bool:
+def plot_pareto(rows: list[dict], plan: TunePlan, best: dict | None, path: Path) -> bool:
     from matplotlib.figure import Figure
 
     pts = [r for r in rows if r["domain_gain"] is not None and r["forgetting"] is not None]
@@ -35,7 +37,7 @@ def plot_pareto(rows: list[dict], plan: dict, best: dict | None, path: Path) -> 
         return False
     fig = Figure(figsize=(9, 6), dpi=110, layout="constrained")
     ax = fig.subplots()
-    keys = list(plan["space"])
+    keys = list(plan.space)
     done = [r for r in pts if r["status"] == "completed"]
     labels: dict = {}  # trials on the same spot share one label
     for r in pts:
@@ -54,17 +56,17 @@ def plot_pareto(rows: list[dict], plan: dict, best: dict | None, path: Path) -> 
     if best is not None:
         ax.scatter(best["forgetting"], best["domain_gain"], marker="*", s=320, color="#d62728",
                    zorder=4, label=f"best: {best['trial_id']} (objective {best['objective']:.4f})")
-    if plan["max_forgetting"] is not None:
-        ax.axvline(plan["max_forgetting"], color="#7f7f7f", ls="--", lw=1,
-                   label=f"max_forgetting {plan['max_forgetting']}")
+    if plan.max_forgetting is not None:
+        ax.axvline(plan.max_forgetting, color="#7f7f7f", ls="--", lw=1,
+                   label=f"max_forgetting {plan.max_forgetting}")
     ax.axvline(0, color="#c7c7c7", lw=0.8)
     ax.axhline(0, color="#c7c7c7", lw=0.8)
     ax.scatter([], [], facecolors="#1f77b4", edgecolors="#1f77b4", label="completed")
     ax.scatter([], [], facecolors="none", edgecolors="#1f77b4", label="stopped early / unfinished")
-    ax.set_xlabel(f"forgetting: retention loss increase ({', '.join(plan['retention_sets']) or 'none'}), nats/token")
-    ax.set_ylabel(f"domain gain: loss decrease on {', '.join(plan['domain_sets'])}, nats/token")
-    ax.set_title(f"{plan['name']}: domain gain vs forgetting per trial "
-                 f"(objective = gain - {plan['penalty']:g} x max(0, forgetting))")
+    ax.set_xlabel(f"forgetting: retention loss increase ({', '.join(plan.retention_sets) or 'none'}), nats/token")
+    ax.set_ylabel(f"domain gain: loss decrease on {', '.join(plan.domain_sets)}, nats/token")
+    ax.set_title(f"{plan.name}: domain gain vs forgetting per trial "
+                 f"(objective = gain - {plan.penalty:g} x max(0, forgetting))")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.savefig(path)

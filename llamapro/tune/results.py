@@ -14,7 +14,7 @@ import yaml
 from llamapro.artifacts import read_metadata
 from llamapro.config import Config, from_dict
 from llamapro.jsonl import read_records
-from llamapro.tune.plan import STOPS_FILE
+from llamapro.tune.plan import STOPS_FILE, TunePlan
 from llamapro.tune.plot import plot_pareto
 
 
@@ -45,12 +45,12 @@ def _reachable_checkpoint(reported: str | None, rd: Path) -> str | None:
     return str(found[-1].parent) if found else None
 
 
-def collect_rows(grid, plan: dict) -> list[dict]:
+def collect_rows(grid, plan: TunePlan) -> list[dict]:
     """One row per trial: its sampled values, where its blocks went, how far it got, its losses,
     gain, forgetting, objective, status and where its checkpoint and model are."""
-    exp_dir = Path(plan["exp_dir"])
+    exp_dir = Path(plan.exp_dir)
     stops = _stops(exp_dir)
-    sets = plan["domain_sets"] + plan["retention_sets"]
+    sets = plan.domain_sets + plan.retention_sets
     rows = []
     for r in grid:
         m = dict(r.metrics or {})
@@ -66,7 +66,7 @@ def collect_rows(grid, plan: dict) -> list[dict]:
             status = "unfinished"
         meta = read_metadata(rd / "expanded") if (rd / "expanded").is_dir() else None
         row = {"trial_id": tid, "status": status}
-        row.update({k: _cell((r.config or {}).get(k)) for k in plan["space"]})
+        row.update({k: _cell((r.config or {}).get(k)) for k in plan.space})
         row["new_layers"] = _cell(meta.new_layer_indices) if meta else None
         row["num_layers"] = meta.num_layers if meta else None
         row.update({"step": m.get("step"), "tokens": m.get("tokens")})
@@ -99,21 +99,21 @@ def _md(v) -> str:
     return str(v).replace("|", "\\|")
 
 
-def write_outputs(rows: list[dict], plan: dict) -> dict:
-    exp_dir = Path(plan["exp_dir"])
+def write_outputs(rows: list[dict], plan: TunePlan) -> dict:
+    exp_dir = Path(plan.exp_dir)
     cols = list(rows[0]) if rows else ["trial_id", "status"]
     with open(exp_dir / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
     best = pick_best(rows)
-    show = ["trial_id", "status", *plan["space"], "new_layers", "step", "domain_gain", "forgetting",
+    show = ["trial_id", "status", *plan.space, "new_layers", "step", "domain_gain", "forgetting",
             "objective", "feasible", "checkpoint"]
-    lines = [f"# Tune experiment {plan['name']}", "",
-             f"Objective (maximised): domain gain on {', '.join(plan['domain_sets'])} "
-             f"- {plan['penalty']:g} x max(0, forgetting on {', '.join(plan['retention_sets']) or 'no set'}), "
+    lines = [f"# Tune experiment {plan.name}", "",
+             f"Objective (maximised): domain gain on {', '.join(plan.domain_sets)} "
+             f"- {plan.penalty:g} x max(0, forgetting on {', '.join(plan.retention_sets) or 'no set'}), "
              "in nats/token against the base (= each trial's step-0 model)."
-             + (f" Feasible: forgetting <= {plan['max_forgetting']}." if plan["max_forgetting"] is not None else ""),
+             + (f" Feasible: forgetting <= {plan.max_forgetting}." if plan.max_forgetting is not None else ""),
              "", "| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
     for r in rows:
         cells = [_md(r.get(c)) for c in show]
@@ -132,25 +132,25 @@ def write_outputs(rows: list[dict], plan: dict) -> dict:
     for r in rows:
         key = r["status"].split(" (")[0]
         counts[key] = counts.get(key, 0) + 1
-    return {"experiment": plan["name"], "dir": str(exp_dir), "trials": len(rows), "status": counts,
+    return {"experiment": plan.name, "dir": str(exp_dir), "trials": len(rows), "status": counts,
             "best": best, "best_config": str(best_yaml) if best_yaml else None,
             "results_csv": str(exp_dir / "results.csv"), "results_md": str(exp_dir / "results.md"),
             "pareto_png": str(exp_dir / "pareto.png") if plotted else None,
-            "objective": {"domain_sets": plan["domain_sets"], "retention_sets": plan["retention_sets"],
-                          "forgetting_penalty": plan["penalty"], "max_forgetting": plan["max_forgetting"]}}
+            "objective": {"domain_sets": plan.domain_sets, "retention_sets": plan.retention_sets,
+                          "forgetting_penalty": plan.penalty, "max_forgetting": plan.max_forgetting}}
 
 
-def write_best_config(best: dict, plan: dict) -> Path:
+def write_best_config(best: dict, plan: TunePlan) -> Path:
     """The best trial's exact training config, as a run of its own under run.output_dir."""
-    exp_dir = Path(plan["exp_dir"])
+    exp_dir = Path(plan.exp_dir)
     d = yaml.safe_load((Path(best["trial_dir"]) / "config.yaml").read_text())
-    d["run"]["name"] = f"{plan['name']}-best"
-    d["run"]["output_dir"] = plan["base"]["run"]["output_dir"]
+    d["run"]["name"] = f"{plan.name}-best"
+    d["run"]["output_dir"] = plan.base["run"]["output_dir"]
     from_dict(Config, d)  # it must load as it is
     out = exp_dir / "best.yaml"
-    head = [f"# The best configuration of tune experiment {plan['name']}: trial {best['trial_id']}",
+    head = [f"# The best configuration of tune experiment {plan.name}: trial {best['trial_id']}",
             f"# (objective {best['objective']:.6f} = domain gain {best['domain_gain']:.6f} - "
-            f"{plan['penalty']:g} x forgetting {best['forgetting']:.6f}; new layers {best['new_layers']}).",
+            f"{plan.penalty:g} x forgetting {best['forgetting']:.6f}; new layers {best['new_layers']}).",
             "#", f"#   llamapro train --config {out}",
             f"#   ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- "
             f"python jobs/train.py --config {out}", "#",

@@ -22,6 +22,7 @@ from llamapro.loading import load_model
 from llamapro.pipeline import eval_blocks, expand_step, expanded_dir, run_dir
 from llamapro.tensors import write_json_atomic
 from llamapro.tune.objective import TrialObjective
+from llamapro.tune.plan import TunePlan
 from llamapro.tune.space import apply_params, check_stages, eval_rows_of, shares_data
 
 
@@ -64,9 +65,9 @@ def _reporting(objective: TrialObjective) -> dict:
     return {"callbacks": [TuneReportCallback()], "report_metrics": objective}
 
 
-def trial_config(plan: dict, params: dict, trial_id: str) -> Config:
-    d = apply_params(copy.deepcopy(plan["base"]), params)
-    d["run"]["output_dir"] = str(Path(plan["exp_dir"]) / "trials")
+def trial_config(plan: TunePlan, params: dict, trial_id: str) -> Config:
+    d = apply_params(copy.deepcopy(plan.base), params)
+    d["run"]["output_dir"] = str(Path(plan.exp_dir) / "trials")
     d["run"]["name"] = trial_id
     return from_dict(Config, d)
 
@@ -78,23 +79,23 @@ def training_yaml(cfg: Config) -> str:
     return yaml.safe_dump(d, sort_keys=False)
 
 
-def prepare_shared(cfg: Config, plan: dict, say=print) -> dict:
+def prepare_shared(cfg: Config, plan: TunePlan, say=print) -> dict:
     """What every trial reads and nobody mutates, prepared once by the driver: the held-out blocks
     (each trial takes its first rows), the base's losses on them, and for small budgets the
     training blocks themselves (materialized in the object store)."""
-    if not shares_data(plan["space"]):
+    if not shares_data(plan.space):
         return {}
-    base_dir = plan["base"]["model"]["base"]
-    shared = {"evals": eval_blocks(cfg, base_dir, plan["max_eval_rows"])}
-    if plan["shared_train"]:
-        say(f"[tune] tokenizing {plan['max_train_blocks']} training blocks once for every trial")
+    base_dir = plan.base["model"]["base"]
+    shared = {"evals": eval_blocks(cfg, base_dir, plan.max_eval_rows)}
+    if plan.shared_train:
+        say(f"[tune] tokenizing {plan.max_train_blocks} training blocks once for every trial")
         shared["train_ds"] = build_train_dataset(cfg.data, load_tokenizer(base_dir)).limit(
-            plan["max_train_blocks"]).materialize()
+            plan.max_train_blocks).materialize()
     trial_evals(cfg, plan, shared)  # the base's losses on the usual rows, cached for the trials
     return shared
 
 
-def trial_evals(cfg: Config, plan: dict, shared: dict) -> tuple[dict, dict]:
+def trial_evals(cfg: Config, plan: TunePlan, shared: dict) -> tuple[dict, dict]:
     """(held-out rows this trial evaluates, the base's losses on exactly those rows)."""
     tc = cfg.train
     n = eval_rows_of(cfg)
@@ -103,20 +104,20 @@ def trial_evals(cfg: Config, plan: dict, shared: dict) -> tuple[dict, dict]:
                  for k, v in shared["evals"].items()}
     else:
         evals = eval_blocks(cfg, str(expanded_dir(cfg)), n)
-    sets = plan["domain_sets"] + plan["retention_sets"]
+    sets = plan.domain_sets + plan.retention_sets
     evals = _whole_rows({k: v for k, v in evals.items() if k in sets}, tc.num_workers)
     missing = [s for s in sets if s not in evals]
     if missing:
         raise ConfigError(f"held-out sets {missing} have fewer than {tc.num_workers} blocks of "
                           f"{cfg.data.seq_len} tokens; raise their eval_fraction")
     bf16 = tc.dtype == "bfloat16" or (tc.use_gpu and tc.dtype == "auto")
-    baseline = base_losses(cfg.model.base, evals, Path(plan["exp_dir"]) / "baselines",
+    baseline = base_losses(cfg.model.base, evals, Path(plan.exp_dir) / "baselines",
                            tc.micro_batch_size, "bfloat16" if bf16 else "float32",
                            cfg.model.trust_remote_code)
     return evals, baseline
 
 
-def run_trial(params: dict, plan: dict, shared: dict | None = None) -> None:
+def run_trial(params: dict, plan: TunePlan, shared: dict | None = None) -> None:
     """The Tune function trainable: one complete training run of one point of the space."""
     import ray.data
     from ray import tune
@@ -146,7 +147,7 @@ def run_trial(params: dict, plan: dict, shared: dict | None = None) -> None:
     evals, baseline = trial_evals(cfg, plan, shared)
     result = run_training(tc_run, str(exp), str(rd), train_ds, evals, seq_len=cfg.data.seq_len,
                           name=f"train-{trial_id}", seed=cfg.run.seed,
-                          early_stop_on=tc.early_stop_on or plan["domain_sets"][0],
+                          early_stop_on=tc.early_stop_on or plan.domain_sets[0],
                           trust_remote_code=cfg.model.trust_remote_code,
                           storage_path=str(rd / "ray"), **_reporting(TrialObjective.of(baseline, plan)))
     if result.error is not None:
