@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from llamapro.errors import ConfigError
@@ -18,6 +19,7 @@ class LoraConfig:
     alpha: int = 16
     """LoRA scaling numerator (effective scale alpha / r)."""
     dropout: float = 0.0
+    """Dropout on the LoRA path during training."""
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Module names LoRA adapts (peft target_modules)."""
@@ -56,6 +58,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     """Share of each stage's steps spent warming up linearly."""
     weight_decay: float = 0.0
+    """AdamW weight decay of every trained parameter."""
     max_grad_norm: float = 1.0
     """Gradient clipping (1.0 is the usual choice). 0 disables."""
     micro_batch_size: int = 4
@@ -116,6 +119,7 @@ class TrainConfig:
     """Weight of a KL term to the base model's distribution, computed by the same model with
     the new blocks skipped (exactly the base; no second model in memory). 0 disables."""
     distill_temperature: float = 1.0
+    """Softmax temperature of both distributions in the KL term (scaled back by its square)."""
 
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0, 1, 2 or 3."""
@@ -124,11 +128,13 @@ class TrainConfig:
     num_workers: int = 2
     """Ray Train workers."""
     cpus_per_worker: int = 1
+    """CPUs Ray reserves per worker; also its torch thread count."""
     use_gpu: bool = False
     """One GPU per worker (NCCL, bf16)."""
     checkpoint_every: int = 10
     """Save a resumable checkpoint every N optimizer steps (and at each stage's end)."""
     keep_checkpoints: int = 2
+    """Ray Train checkpoints kept (the newest)."""
     max_failures: int = 1
     """Worker-group restarts Ray Train attempts from the latest checkpoint."""
     resume_data_skip: bool = True
@@ -197,8 +203,6 @@ def baseline_of(tc: TrainConfig, mode: str) -> TrainConfig:
     """The same training budget and optimizer settings in another mode (a baseline for the
     comparison): what only applies to mode llamapro (stages, LoRA on the new blocks,
     distillation) is dropped instead of refused."""
-    import dataclasses
-
     if mode == "llamapro":
         return tc
     return dataclasses.replace(tc, mode=mode, num_stages=1, stage_ratios=[], top_lr_scale=1.0,

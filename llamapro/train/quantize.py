@@ -1,4 +1,6 @@
-"""QLoRA-style training of the new blocks: ``train.quantize_base: nf4|int8``.
+"""QLoRA-style training of the new blocks on a quantized base (``nf4`` or ``int8``): library
+functions, not yet wired into ``llamapro train`` (no config key selects them; their errors name the
+planned ``train.quantize_base``).
 
 The frozen ORIGINAL layers are loaded quantized with bitsandbytes (4-bit NF4 or LLM.int8; its
 0.50 release runs both on x86-64 CPUs), while the inserted blocks stay in full precision and are
