@@ -124,11 +124,6 @@ class TuneConfig:
         if not isinstance(self.space, dict):
             _bad("tune.space", "must be a mapping of dotted config keys to distributions")
         self.space = flatten_space(self.space)  # each entry is checked by the root: check_space
-        # TRANSITIONAL, until Config.__post_init__ calls check_space (patch sent to H-core): then
-        # these three lines go, and with them the cycle
-        from llamapro.config import Config
-
-        check_space(self.space, Config)
         if self.num_samples < 1:
             _bad("tune.num_samples", f"must be >= 1, got {self.num_samples}")
         if self.max_concurrent < 0:

@@ -29,46 +29,24 @@ The parts, in the order an experiment uses them: ``space`` (the search space and
 
 from __future__ import annotations
 
+from llamapro.eval.compare import pareto_front  # the Pareto front, shared with eval compare
 from llamapro.tune.driver import concurrency, ensure_tune_ray, run_tune
 from llamapro.tune.objective import METRIC, MODE, TIME_ATTR, TrialObjective, objective_metrics
-from llamapro.tune.plan import (
-                                EXPERIMENT_DIR,
-                                SHARED_MAX_TOKENS,
-                                SPEC_FILE,
-                                STOPS_FILE,
-                                objective_sets,
-                                plan_experiment,
-)
-from llamapro.tune.plot import pareto_front, plot_pareto
+from llamapro.tune.plan import (EXPERIMENT_DIR, SHARED_MAX_TOKENS, SPEC_FILE, STOPS_FILE, TunePlan,
+                                objective_sets, plan_experiment)
+from llamapro.tune.plot import plot_pareto
 from llamapro.tune.results import collect_rows, format_summary, pick_best, write_best_config, write_outputs
-from llamapro.tune.space import (
-                                apply_params,
-                                check_space_values,
-                                check_stages,
-                                eval_rows_of,
-                                largest,
-                                max_over_budgets,
-                                search_space,
-                                shares_data,
-                                steps_of,
-                                train_blocks_of,
-)
-from llamapro.tune.trial import (
-                                _reporting,
-                                base_losses,
-                                prepare_shared,
-                                run_trial,
-                                training_yaml,
-                                trial_config,
-                                trial_evals,
-)
+from llamapro.tune.space import (apply_params, check_space_values, check_stages, eval_rows_of, largest,
+                                 max_over_budgets, search_space, shares_data, steps_of, train_blocks_of)
+from llamapro.tune.trial import (_reporting, base_losses, prepare_shared, run_trial, training_yaml,
+                                 trial_config, trial_evals)
 
 __all__ = [
     "EXPERIMENT_DIR", "METRIC", "MODE", "SHARED_MAX_TOKENS", "SPEC_FILE", "STOPS_FILE", "TIME_ATTR",
-    "TrialObjective", "_reporting", "apply_params", "base_losses", "check_space_values", "check_stages",
-    "collect_rows", "concurrency", "ensure_tune_ray", "eval_rows_of", "format_summary",
-    "largest", "max_over_budgets", "objective_metrics", "objective_sets", "pareto_front", "pick_best",
-    "plan_experiment", "plot_pareto", "prepare_shared", "run_trial", "run_tune", "search_space",
-    "shares_data", "steps_of", "train_blocks_of", "training_yaml", "trial_config", "trial_evals",
-    "write_best_config", "write_outputs",
+    "TrialObjective", "TunePlan", "_reporting", "apply_params", "base_losses", "check_space_values",
+    "check_stages", "collect_rows", "concurrency", "ensure_tune_ray", "eval_rows_of",
+    "format_summary", "largest", "max_over_budgets", "objective_metrics", "objective_sets",
+    "pareto_front", "pick_best", "plan_experiment", "plot_pareto", "prepare_shared", "run_trial",
+    "run_tune", "search_space", "shares_data", "steps_of", "train_blocks_of", "training_yaml",
+    "trial_config", "trial_evals", "write_best_config", "write_outputs",
 ]

@@ -1,24 +1,13 @@
 """The Pareto plot of an experiment: each trial's domain gain against its forgetting, the front of
-the completed trials, the best trial and the feasibility bound (``pareto.png``)."""
+the completed trials (``eval.compare.pareto_front``, shared with `llamapro eval compare`), the best
+trial and the feasibility bound (``pareto.png``)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
+from llamapro.eval.compare import pareto_front
 from llamapro.tune.plan import TunePlan
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both axes (less forgetting, more gain),
-    ordered by forgetting."""
-    idx = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best_gain = [], -math.inf
-    for i in idx:
-        if points[i][1] > best_gain:
-            front.append(i)
-            best_gain = points[i][1]
-    return front
 
 
 def _label(row: dict, keys: list[str]) -> str:
