@@ -17,6 +17,7 @@ import sys
 
 from llamapro.cli.exits import report
 from llamapro.errors import EXIT_ERROR, EXIT_OK, LlamaproError
+from llamapro.runtime import ensure_ray
 from llamapro.serve import absolutize_paths, deploy, describe, job_runtime_env, load_serve_config, smoke_chat
 
 
@@ -33,10 +34,9 @@ def main(argv=None) -> int:
     except LlamaproError as e:  # a bad config: exit 2
         return report(e)
 
-    import ray
     from ray import serve
 
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "auto")
+    ensure_ray("serve", address=os.environ.get("RAY_ADDRESS") or "auto")  # the job's cluster
     if a.delete:
         serve.delete(cfg.app_name)
         print(f"deleted Serve app {cfg.app_name!r}")

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import posixpath
 from pathlib import Path
 
-from llamapro import storage
+from llamapro import runtime, storage
 from llamapro.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -43,21 +42,14 @@ def ensure_ray(cfg=None) -> None:
     Locally we declare more logical CPUs than Train takes: with every CPU held by a Train worker,
     Ray Data's tokenizer actors never start and nothing errors.
     """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return
     want, custom = 4, {}
     if cfg is not None:
         t = cfg.train
         want = max(want, t.num_workers * t.cpus_per_worker + int(cfg.data.actors * cfg.data.cpus_per_actor) + 1)
         # the one local node is where the tokenizer actors' custom resources must be
         custom = {k: v * cfg.data.actors for k, v in cfg.data.actor_resources.items()}
-    # keep the dashboard: Train V2 cleans up placement groups through the State API it serves
-    ray.init(num_cpus=want, log_to_driver=True, **({"resources": custom} if custom else {}))
+    # keep the dashboard (Ray's default): Train V2 cleans up placement groups through its State API
+    runtime.ensure_ray("train", num_cpus=want, resources=custom or None)
 
 
 def run_dir(cfg) -> Path:
@@ -89,9 +81,7 @@ def expand_step(cfg, force: bool = True, progress: bool = True) -> dict:
 
 def eval_blocks(cfg, model_dir: str, per_source: int) -> dict:
     """A small, fixed set of held-out blocks per source (same tokens at every evaluation)."""
-    from llamapro.data import build_eval_dataset
-
-    from llamapro.data import load_tokenizer
+    from llamapro.data import build_eval_dataset, load_tokenizer
 
     tok = load_tokenizer(model_dir)  # once: loading costs seconds
     out = {}
@@ -143,7 +133,7 @@ def _train(cfg, tc, out: Path, storage_path: str | None, sub: str) -> dict:
         if not (model_dir / "llamapro.json").is_file():
             log.info("no expanded checkpoint at %s yet: expanding first", model_dir)
             expand_step(cfg)
-        from llamapro.checkpoint import read_metadata
+        from llamapro.artifacts import read_metadata
         from llamapro.expand.api import require_proven
 
         require_proven(read_metadata(model_dir), tc.allow_unproven, where=str(model_dir))
@@ -218,14 +208,14 @@ def eval_step(cfg, run: str | None = None, checkpoint: str | None = None, heldou
     ``RUN/eval/results.json`` and ``RUN/report/``. ``run`` defaults to the config's run directory
     (unless ``checkpoint`` is given); behind a URI the model, metrics and config are downloaded
     first and eval/ and report/ uploaded after. Returns the results (``["gate"]["passed"]``)."""
-    from llamapro.eval import run_eval
+    from llamapro.report import evaluate_and_report
 
     target = run or (None if checkpoint else cfg.run.run_dir())
     kw = dict(checkpoint=checkpoint, heldout=heldout, trust_remote_code=trust_remote_code, say=say)
     if target is None or not storage.is_uri(target):
-        return run_eval(cfg, run_dir=run, **kw)
+        return evaluate_and_report(cfg, run_dir=run, **kw)
     with storage.synced(target, pull=EVAL_PULL, push=EVAL_PUSH) as local:
-        return run_eval(cfg, run_dir=str(local), **kw)
+        return evaluate_and_report(cfg, run_dir=str(local), **kw)
 
 
 def export_step(cfg, source: str | None = None, out: str | None = None, force: bool = False,
@@ -304,33 +294,13 @@ def ensure_demo_corpora(cfg) -> None:
         build_corpora(names=missing, say=lambda m: None)
 
 
-def chat_once(base_url: str, model: str, question: str = "What is the capital of France?",
-              max_tokens: int = 24, timeout: float = 300, api_key: str | None = None) -> dict:
-    """One greedy chat completion from an OpenAI-compatible endpoint (``base_url`` ends in /v1):
-    {model, answer, usage}."""
-    import json
-    import urllib.request
-
-    body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
-            "messages": [{"role": "user", "content": question}]}
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(f"{base_url.rstrip('/')}/chat/completions",
-                                 data=json.dumps(body).encode(), headers=headers)
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        resp = json.loads(r.read())
-    return {"model": resp.get("model"), "answer": resp["choices"][0]["message"]["content"],
-            "usage": resp.get("usage")}
-
-
 def serve_smoke(cfg, export_dir: Path, base_dir: str) -> dict:
     """Deploy base + exported model behind the OpenAI API, ask one chat question, shut down."""
     import socket
 
     from ray import serve
 
-    from llamapro.serve import deploy, serve_config_from_dict
+    from llamapro.serve import chat_once, deploy, serve_config_from_dict
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -381,7 +351,6 @@ def _run_pipeline(cfg, rd: Path, quick: bool) -> dict:
     import json
     import time
 
-    from llamapro.eval import run_eval
     from llamapro.publish.export import export
 
     t0 = time.perf_counter()
@@ -409,11 +378,10 @@ def _run_pipeline(cfg, rd: Path, quick: bool) -> dict:
     _say("[5/7] evaluate (held-out loss, greedy agreement, regression gate) and report")
     results = {}
     for name, d in runs.items():
-        results[name] = run_eval(cfg, run_dir=str(d))
-    r = results["llamapro"]
+        results[name] = eval_step(cfg, run=str(d))
     summary["eval"] = {n: {k: res.get(k) for k in ("sets", "gate")} for n, res in results.items()}
     _say(f"[6/7] export -> {rd / 'export'}")
-    exp = export(str(runs["llamapro"]), str(rd / "export"), force=True,
+    export(str(runs["llamapro"]), str(rd / "export"), force=True,
                  max_shard_size=cfg.export.max_shard_size)
     summary["export"] = str(rd / "export")
     summary["pack"] = pack_beside_export(runs["llamapro"], rd / "pack", cfg.run.name)

@@ -6,8 +6,8 @@ address file other drivers' ``ray.init()`` reads is never touched), its own port
 authentication on with a token of its own (``RAY_AUTH_MODE=token`` + ``RAY_AUTH_TOKEN``, never
 ``~/.ray/auth_token``). Stopping signals only these processes: SIGTERM makes ``ray start --block``
 tear down what it started; whatever survives is killed by pid, found by a marker in its
-environment (or our temp dir in its command line). A global ``ray stop`` would kill every cluster on the machine, and other tests run
-beside us.
+environment (or our temp dir in its command line). A global ``ray stop`` would kill every
+cluster on the machine, and other tests run beside us.
 """
 
 from __future__ import annotations

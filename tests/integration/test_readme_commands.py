@@ -188,7 +188,8 @@ def _train(ws):
 
 def _train_baseline(ws):
     # the staged demo config with --mode: a one-stage baseline at the same budget, as run.baselines
-    cli(ws, ["train", "--config", "jobs/configs/demo.yaml", *tiny(ws, "jobs/configs/demo.yaml"), *ws["train"], "--mode", "full"])
+    cli(ws, ["train", "--config", "jobs/configs/demo.yaml", *tiny(ws, "jobs/configs/demo.yaml"), *ws["train"],
+             "--mode", "full"])
     assert (ws["root"] / "runs/demo/baseline-full/model/config.json").is_file()
     for mode in ("lora", "freeze_last_n"):
         parses(["train", "--config", "jobs/configs/demo.yaml", "--mode", mode])
@@ -222,8 +223,9 @@ def _preview(ws, capsys):
 
 
 def _eval(ws):
-    code = cli(ws, ["eval", "--config", "jobs/configs/eval_demo.yaml", *tiny(ws, "jobs/configs/eval_demo.yaml"), *ws["eval"], "-q"],
-               ok=(0, 4))  # 4: the gate failed, as README says (3 random steps may go either way)
+    # exit 4: the gate failed, as README says (3 random steps may go either way)
+    code = cli(ws, ["eval", "--config", "jobs/configs/eval_demo.yaml", *tiny(ws, "jobs/configs/eval_demo.yaml"),
+                    *ws["eval"], "-q"], ok=(0, 4))
     res = json.loads((ws["root"] / "runs/demo/eval/results.json").read_text())
     assert res["gate"]["passed"] == (code == 0)
 
@@ -351,11 +353,12 @@ COMMANDS = {
     "llamapro export runs/demo runs/demo-export [--force]": _export,
     "llamapro strip runs/demo-export runs/demo-restored": _strip_export,
     "llamapro fuse runs/demo runs/demo-fused --method residual": _fuse("--method", "residual"),
-    "llamapro fuse runs/demo runs/demo-fused --method weighted --alpha 0.5": _fuse("--method", "weighted", "--alpha", "0.5"),
+    "llamapro fuse runs/demo runs/demo-fused --method weighted --alpha 0.5":
+        _fuse("--method", "weighted", "--alpha", "0.5"),
     "llamapro fuse runs/demo runs/demo-fused --method weighted --alpha auto --config jobs/configs/eval_demo.yaml":
         _fuse("--method", "weighted", "--alpha", "auto", "--config", "jobs/configs/eval_demo.yaml"),
-    "llamapro compare --config jobs/configs/eval_demo.yaml --out runs/study llamapro=runs/demo full=runs/demo/baseline-full":
-        _compare,
+    "llamapro compare --config jobs/configs/eval_demo.yaml --out runs/study llamapro=runs/demo "
+    "full=runs/demo/baseline-full": _compare,
     "llamapro export runs/demo runs/demo-gguf --format gguf --quant q8_0": _export_gguf,
     "llamapro export runs/demo runs/demo-int8 --format torchao-int8": _export_int8,
     "llamapro pack runs/demo runs/demo-pack": _pack,

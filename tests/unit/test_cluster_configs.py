@@ -192,7 +192,7 @@ def test_serve_schema_rejects_a_broken_serve_config():
 
 # --- jobs/: one thin `ray job submit` entrypoint per step, each documenting its command ---------
 
-JOBS = ["expand", "data", "train", "eval", "export", "serve", "pipeline"]
+JOBS = ["expand", "data", "train", "eval", "export", "fuse", "tune", "serve", "pipeline"]
 
 
 @pytest.mark.parametrize("name", JOBS)
