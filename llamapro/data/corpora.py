@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from llamapro.config import default_cache_dir
-from llamapro.errors import CorpusError  # noqa: F401
+from llamapro.errors import CorpusError
 
 FORMAT_VERSION = 4  # bump when the way a corpus is cut changes: an old build is then rebuilt
 
