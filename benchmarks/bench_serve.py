@@ -60,12 +60,13 @@ def free_port() -> int:
 class InProcess:
     def __init__(self, path: str, threads: int):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from llamapro.loading import load_model, load_tokenizer
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.tok = load_tokenizer(path)
+        self.model = load_model(path, dtype="float32")
         self.prompts = [self.tok.apply_chat_template([{"role": "user", "content": q}],
                                                      add_generation_prompt=True, tokenize=False)
                         for q in QUESTIONS]
@@ -128,6 +129,7 @@ def main(argv=None) -> int:
     import ray
 
     from llamapro.demo import resolve_model
+    from llamapro.runtime import ensure_ray
     from llamapro.serve import deploy, serve_config_from_dict
 
     path = resolve_model(a.model)
@@ -148,8 +150,8 @@ def main(argv=None) -> int:
     })
     # Ray starts workers at nice 15; the baseline runs here at nice 0. Give the replica the same
     # priority, or any other load on the machine starves it and the comparison is meaningless.
-    ray.init(address="local", num_cpus=a.threads + 2, include_dashboard=False, log_to_driver=False,
-             _system_config={"worker_niceness": 0})
+    ensure_ray("serve benchmark", address="local", num_cpus=a.threads + 2, include_dashboard=False,
+               log_to_driver=False, _system_config={"worker_niceness": 0})
     levels = {}  # conc -> [base_tok, base_s, serve_tok, serve_s, batch sizes]
     engine = [0, 0.0]
     try:

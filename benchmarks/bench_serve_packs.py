@@ -58,8 +58,8 @@ def build_pack(base: str, work: Path, blocks: int) -> tuple[Path, Path]:
     import torch
     from safetensors.torch import load_file, save_file
 
+    from llamapro.artifacts import write_metadata
     from llamapro.expand import api as steps
-    from llamapro.checkpoint import write_metadata
     from llamapro.publish.pack import apply_packs, make_pack
 
     trained, pack, applied = work / "trained", work / "pack", work / "applied"
@@ -139,6 +139,7 @@ def main(argv=None) -> int:
     import ray
 
     from llamapro.demo import resolve_model
+    from llamapro.runtime import ensure_ray
     from llamapro.serve import deploy, serve_config_from_dict
 
     base = resolve_model(a.model)
@@ -156,7 +157,8 @@ def main(argv=None) -> int:
               "canary": {"weights": {"base": 0.9, "expanded": 0.1}}}
     packed = {"models": {"base": {"path": base, "packs": {"pack": str(pack)}, **model}},
               "canary": {"weights": {"base": 0.9, "pack": 0.1}}}
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ensure_ray("serve packs benchmark", address="local", num_cpus=4, include_dashboard=False,
+               log_to_driver=False)
     mem, answers = {}, {}
     try:
         from openai import OpenAI

@@ -96,6 +96,7 @@ def run_serve(a) -> int:
     import ray
     from ray import serve
 
+    from llamapro.runtime import ensure_ray
     from llamapro.serve import absolutize_paths, cluster_cpus_needed, deploy, describe
 
     def load():
@@ -108,11 +109,11 @@ def run_serve(a) -> int:
     if a.address is None:
         cpus = a.num_cpus or max(os.cpu_count() or 1, math.ceil(cluster_cpus_needed(cfg)))
         # Ray runs workers at nice 15; a local server should not yield to every other process.
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                 namespace="serve", log_to_driver=True,
-                 _system_config={"worker_niceness": a.worker_niceness})
+        ensure_ray("serve", address="local", num_cpus=cpus, include_dashboard=False,
+                   namespace="serve", log_to_driver=True,
+                   _system_config={"worker_niceness": a.worker_niceness})
     else:
-        ray.init(address=a.address, namespace="serve")
+        ensure_ray("serve", address=a.address, namespace="serve")
     reload_requested = threading.Event()
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())

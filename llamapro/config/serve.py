@@ -34,7 +34,9 @@ def _key(name: str) -> str:
 
 def _from_dict(cls, data: dict, where: str):
     """The config tree's strict loader (unknown keys name their full dotted key)."""
-    # At call time: llamapro.config imports this module for its `serve` field.
+    # TRANSITIONAL, until the loader machinery (from_dict, _coerce) leaves llamapro/config/__init__.py
+    # for a module of its own (request sent to H-core): then this becomes a module-level import of
+    # that module, and the config <-> config.serve cycle goes.
     from llamapro.config import from_dict
 
     return from_dict(cls, data, where)
@@ -412,20 +414,6 @@ class ServeConfig:
 
 def serve_config_from_dict(d: dict | None) -> ServeConfig:
     return _from_dict(ServeConfig, dict(d or {}), "serve")
-
-
-def load_serve_config(path: str | os.PathLike | None = None, overrides=None) -> ServeConfig:
-    """Load the ``serve:`` section of a llamapro YAML config strictly, with dotted overrides
-    (``serve.canary.weights.expanded=0.5``). Other top-level sections are checked by
-    ``llamapro.config.Config`` so a typo anywhere is still an error."""
-    from llamapro.config import Config, read_config_data
-
-    data = read_config_data(path, overrides)
-    serve_section = data.pop("serve", None)
-    if serve_section is not None and not isinstance(serve_section, dict):
-        raise ConfigError("serve: expected a mapping")
-    _from_dict(Config, data, "")  # the other sections: strict as everywhere else
-    return serve_config_from_dict(serve_section)
 
 
 def absolutize_paths(cfg: ServeConfig, base: str | os.PathLike | None = None) -> ServeConfig:

@@ -47,7 +47,7 @@ import importlib
 _EXPORTS = {
     "llamapro.config.serve": (
         "AutoscalingConfig", "CanaryConfig", "IngressConfig", "LimitsConfig", "ModelServeConfig",
-        "ServeConfig", "absolutize_paths", "load_serve_config", "serve_config_from_dict",
+        "ServeConfig", "absolutize_paths", "serve_config_from_dict",
     ),
     "llamapro.serve.protocol": ("APIError",),
     "llamapro.serve.engine": (
@@ -58,7 +58,7 @@ _EXPORTS = {
     "llamapro.serve.auth": ("publish_api_key", "strip_secrets"),
     "llamapro.serve.ingress": ("INGRESS_NAME", "OpenAIIngress", "OpenAIIngressImpl"),
     "llamapro.serve.app": (
-        "IMPORT_PATH", "app_from_config", "build_app", "deployment_overrides",
+        "IMPORT_PATH", "app_from_config", "build_app", "deployment_overrides", "load_serve_config",
         "serve_deploy_config", "static_args",
     ),
     "llamapro.serve.client": (

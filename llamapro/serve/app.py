@@ -9,13 +9,14 @@ a lightweight in-place update (Ray hashes build args into the code version).
 import contextlib
 import dataclasses
 import json
+import os
 
+from llamapro.config import Config, from_dict, read_config_data
 from llamapro.config.serve import (
     AutoscalingConfig,
     ModelServeConfig,
     ServeConfig,
     absolutize_paths,
-    load_serve_config,
     serve_config_from_dict,
 )
 from llamapro.errors import ConfigError
@@ -132,6 +133,18 @@ def serve_deploy_config(cfg: ServeConfig, runtime_env: dict | None = None) -> di
     return {"proxy_location": "EveryNode",
             "http_options": {"host": cfg.host, "port": cfg.port},
             "applications": [app]}
+
+
+def load_serve_config(path: str | os.PathLike | None = None, overrides=None) -> ServeConfig:
+    """Load the ``serve:`` section of a llamapro YAML config strictly, with dotted overrides
+    (``serve.canary.weights.expanded=0.5``). Other top-level sections are checked by
+    ``llamapro.config.Config`` so a typo anywhere is still an error."""
+    data = read_config_data(path, overrides)
+    serve_section = data.pop("serve", None)
+    if serve_section is not None and not isinstance(serve_section, dict):
+        raise ConfigError("serve: expected a mapping")
+    from_dict(Config, data)  # the other sections: strict as everywhere else
+    return serve_config_from_dict(serve_section)
 
 
 def build_app(args: dict | None = None):

@@ -15,6 +15,7 @@ import secrets
 import threading
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llamapro.serve.protocol import APIError, _bad
@@ -126,9 +127,9 @@ class _Tokenizing:
     context: int
 
     def _init_tokenizer(self, path: str, trust_remote_code: bool):
-        from transformers import AutoTokenizer
+        from llamapro.loading import load_tokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
 
     def prepare(self, req: dict) -> Prepared:
         if req["kind"] == "chat":
@@ -192,19 +193,17 @@ class TransformersEngine(_Tokenizing):
                  trust_remote_code: bool = False, max_context: int = 0, max_running: int = 8,
                  threads: int = 0):
         import torch
-        from transformers import AutoModelForCausalLM
+
+        from llamapro.loading import load_model, resolve_device, torch_dtype
 
         self.torch = torch
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if dtype == "auto":
-            tdtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        else:
-            tdtype = getattr(torch, dtype)
+        self.device = torch.device(resolve_device(device))
+        tdtype = torch_dtype(dtype, cuda=self.device.type == "cuda")  # auto: bf16 on GPU, else fp32
         self._init_tokenizer(path, trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=tdtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        # a local directory's weights are checked first (safetensors only); a hub id cannot be
+        self.model = load_model(path, dtype=tdtype, device=str(self.device),
+                                trust_remote_code=trust_remote_code,
+                                check_weights=Path(path).is_dir())
         cfg = self.model.config
         text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         emb = self.model.get_input_embeddings()
@@ -513,9 +512,9 @@ class VLLMEngine(_Tokenizing):
         self.vocab_size = len(self.tok)
         self.context = max_context or int(getattr(self.tok, "model_max_length", 0) or 0)
         if not 0 < self.context < 10**7:
-            from transformers import AutoConfig
+            from llamapro.loading import load_config
 
-            c = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            c = load_config(path, trust_remote_code=trust_remote_code)
             self.context = int(getattr(c, "max_position_embeddings", 0) or 2048)
         self.dtype = dtype
 

@@ -55,10 +55,12 @@ def local_ray(num_cpus: int = 4):
     import ray
     from ray import serve
 
+    from llamapro.runtime import ensure_ray
+
     if ray.is_initialized():  # e.g. the data tests' session cluster: start from a clean one
         ray.shutdown()
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             namespace="llamapro-serve-test")
+    ensure_ray("serve tests", address="local", num_cpus=num_cpus, include_dashboard=False,
+               log_to_driver=False, namespace="llamapro-serve-test")
     try:
         yield
     finally:
