@@ -16,15 +16,8 @@ from llamapro.demo import resolve_model
 from llamapro.expand.api import resolve_local
 from llamapro.expand.families import num_layers_of
 from llamapro.tensors import read_config
-from llamapro.tune.space import (
-    check_space_values,
-    eval_rows_of,
-    largest,
-    max_over_budgets,
-    shares_data,
-    steps_of,
-    train_blocks_of,
-)
+from llamapro.tune.space import (check_space_values, eval_rows_of, largest, max_over_budgets, shares_data,
+                                 steps_of, train_blocks_of)
 
 EXPERIMENT_DIR = "experiment"
 SPEC_FILE = "tune_spec.json"

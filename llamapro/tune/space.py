@@ -9,8 +9,10 @@ import itertools
 
 from llamapro.config import Config, ConfigError, from_dict
 from llamapro.config.tune import PLACEMENT_KEY
+from llamapro.errors import ScheduleError
 from llamapro.expand.strategies import PlacementError
 from llamapro.expand.strategies import plan as plan_placement
+from llamapro.train.stages import allocate, build_stages
 
 _BUDGET_KEYS = ("train.max_steps", "train.max_tokens", "train.micro_batch_size", "train.grad_accum",
                 "train.num_workers", "train.eval_batches", "data.seq_len")
@@ -70,8 +72,6 @@ def search_space(space: dict) -> dict:
 
 def check_stages(cfg: Config, num_new: int) -> None:
     """Fail before training when the staged schedule cannot fit the blocks or the budget."""
-    from llamapro.train.stages import ScheduleError, allocate, build_stages
-
     tc = cfg.train
     if tc.mode != "llamapro":
         return

@@ -122,7 +122,7 @@ def run_trial(params: dict, plan: TunePlan, shared: dict | None = None) -> None:
     import ray.data
     from ray import tune
 
-    from llamapro.train import run_training  # imports torch
+    from llamapro.train import run_training  # imports torch (the driver needs none of it)
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     shared = shared or {}
