@@ -5,12 +5,15 @@ from __future__ import annotations
 
 
 def new_counts() -> dict:
+    """Empty counts of one work unit (or of a source, once merged)."""
     return {"docs_read": 0, "docs_used": 0, "docs_held_out": 0, "skipped": {}, "examples": {},
             "files": 0, "files_skipped": {}, "tokens": 0, "loss_tokens": 0, "blocks_packed": 0,
             "blocks_emitted": 0, "tail_tokens_dropped": 0, "pad_tokens": 0}
 
 
 def record_skip(counts: dict, reason: str, loc: str, files: bool = False):
+    """Count a skipped document (or, with ``files``, a skipped file) and keep up to three
+    examples of where it was."""
     key = "files_skipped" if files else "skipped"
     counts[key][reason] = counts[key].get(reason, 0) + 1
     ex = counts["examples"].setdefault(reason, [])
@@ -19,6 +22,7 @@ def record_skip(counts: dict, reason: str, loc: str, files: bool = False):
 
 
 def merge_counts(parts) -> dict:
+    """The sum of several counts (examples: the first three per reason)."""
     total = new_counts()
     for c in parts:
         for k, v in c.items():

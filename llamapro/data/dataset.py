@@ -104,7 +104,10 @@ class Plan:
 
 
 def build_dataset(cfg: DataConfig, tokenizer_path, split: str, names: list[str] | None,
-           enforce: bool, max_files: int | None = None):
+                  enforce: bool, max_files: int | None = None):
+    """(dataset, plan, tokenizer bundle) of ``split`` ("train": every weighted source plus
+    ``names``; "eval": the sources ``names``). ``enforce`` raises DataError on a source that
+    breaks the skip budget; ``max_files`` reads at most that many shards per source."""
     import ray
 
     if not cfg.sources:
