@@ -49,6 +49,8 @@ _CHUNK = 1 << 18          # bytes per read from a text/jsonl stream (and at most
 
 @dataclass(frozen=True)
 class FileRef:
+    """One shard: a file in a (picklable) pyarrow filesystem, its stored size and its format."""
+
     fs: Any          # pyarrow.fs.FileSystem (picklable: local, S3, GCS, HDFS)
     path: str        # path inside fs
     size: int
