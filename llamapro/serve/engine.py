@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llamapro.demo import resolve_model
+from llamapro.loading import load_config, load_model, load_tokenizer, resolve_device, torch_dtype
 from llamapro.serve.protocol import APIError, _bad
 
 log = logging.getLogger("ray.serve")
@@ -127,8 +129,6 @@ class _Tokenizing:
     context: int
 
     def _init_tokenizer(self, path: str, trust_remote_code: bool):
-        from llamapro.loading import load_tokenizer
-
         self.tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
 
     def prepare(self, req: dict) -> Prepared:
@@ -193,8 +193,6 @@ class TransformersEngine(_Tokenizing):
                  trust_remote_code: bool = False, max_context: int = 0, max_running: int = 8,
                  threads: int = 0):
         import torch
-
-        from llamapro.loading import load_model, resolve_device, torch_dtype
 
         self.torch = torch
         self.device = torch.device(resolve_device(device))
@@ -512,8 +510,6 @@ class VLLMEngine(_Tokenizing):
         self.vocab_size = len(self.tok)
         self.context = max_context or int(getattr(self.tok, "model_max_length", 0) or 0)
         if not 0 < self.context < 10**7:
-            from llamapro.loading import load_config
-
             c = load_config(path, trust_remote_code=trust_remote_code)
             self.context = int(getattr(c, "max_position_embeddings", 0) or 2048)
         self.dtype = dtype
@@ -547,8 +543,6 @@ def select_engine(engine: str) -> str:
 
 
 def load_engine(spec: dict):
-    from llamapro.demo import resolve_model
-
     path = resolve_model(spec["path"])
     packs = spec.get("packs") or {}
     kind = "transformers" if packs and spec["engine"] == "auto" else select_engine(spec["engine"])

@@ -24,6 +24,7 @@ import copy
 import threading
 from pathlib import Path
 
+from llamapro.expand.strategies import Placement
 from llamapro.publish.pack import PackError, compose, read_base, read_pack
 
 BASE = ""  # the pack name of rows that asked for the base itself
@@ -85,7 +86,6 @@ class ServePacks:
     def _rebuild(self) -> list[str]:
         import torch
 
-        from llamapro.expand.strategies import Placement
         from llamapro.expand.surgery import (
             _set_module,
             _sync_sub_configs,
