@@ -47,8 +47,15 @@ from llamapro.eval.metrics import (
     prefix_agreement,
 )
 from llamapro.eval.models import load_model, torch_threads
-from llamapro.eval.results import RESULTS_FILE, RESULTS_VERSION, format_results, read_results, write_results
-from llamapro.eval.run import eval_paths, evaluate_checkpoint, locate, run_eval
+from llamapro.eval.results import (
+    RESULTS_FILE,
+    RESULTS_VERSION,
+    EvalResults,
+    format_results,
+    read_results,
+    write_results,
+)
+from llamapro.eval.run import eval_paths, evaluate_checkpoint, run_eval
 
 _as_blocks = as_blocks  # the name llamapro.publish.fuse imports
 
@@ -58,6 +65,6 @@ __all__ = [
     "run_lm_eval", "as_blocks", "blocks_from_dataset", "heldout_from_config", "heldout_sets",
     "load_heldout_file", "load_prompts", "replayed_sources", "compare_sets", "encode_prompts",
     "greedy", "greedy_summary", "heldout_loss", "prefix_agreement", "load_model", "torch_threads",
-    "RESULTS_FILE", "RESULTS_VERSION", "format_results", "read_results", "write_results",
-    "eval_paths", "evaluate_checkpoint", "locate", "run_eval",
+    "RESULTS_FILE", "RESULTS_VERSION", "EvalResults", "format_results", "read_results", "write_results",
+    "eval_paths", "evaluate_checkpoint", "run_eval",
 ]

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from llamapro.artifacts import ExpansionMetadata, TrainingRecord
 from llamapro.config.eval import EvalConfig
 from llamapro.errors import EvalError
 from llamapro.expand.api import strip
@@ -16,13 +17,14 @@ from llamapro.expand.api import strip
 
 def resolve_base(checkpoint: Path, meta: dict | None, cfg: EvalConfig) -> dict:
     """How the base is obtained: ``{"mode": "skip"|"path", "path", "exact", "why"}``."""
-    meta = meta or {}
-    new_idx = list(meta.get("new_layer_indices") or [])
-    training = meta.get("training") or {}
-    frozen = bool(training.get("originals_frozen", meta.get("kind") == "expanded"))
-    recorded = (meta.get("base") or {}).get("path")
-    if not new_idx and training.get("trained_from"):
-        recorded = recorded or training["trained_from"]  # a baseline run: trained from the base
+    meta = ExpansionMetadata.of(meta or {})
+    new_idx = list(meta.new_layer_indices)
+    training = meta.training or TrainingRecord()
+    # an expanded checkpoint never trained has its originals as they were; a recorded null is False
+    frozen = bool(training.originals_frozen if "originals_frozen" in training else meta.kind == "expanded")
+    recorded = meta.base_path
+    if not new_idx and training.trained_from:
+        recorded = recorded or training.trained_from  # a baseline run: trained from the base
     explicit = cfg.base or None
     skip_ok = bool(new_idx)
     if cfg.base_mode == "skip" or (cfg.base_mode == "auto" and not explicit and skip_ok and frozen):
@@ -67,7 +69,7 @@ class BasePair:
 def rollback_check(checkpoint: Path, meta: dict, scratch: Path) -> dict:
     """Strip the inserted blocks into a scratch directory: does that give back the base exactly
     (its recorded fingerprint)?"""
-    if not (meta or {}).get("new_layer_indices"):
+    if not ExpansionMetadata.of(meta or {}).new_layer_indices:
         return {"applicable": False, "equals_base": False,
                 "note": "no inserted blocks recorded: nothing to strip (a baseline run)"}
     tmp = Path(tempfile.mkdtemp(prefix=".rollback-check-", dir=scratch))

@@ -36,11 +36,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from llamapro.checkpoint import read_metadata, write_json_atomic
+from llamapro.artifacts import EvalResults, ExpansionMetadata, TrainingRecord, read_metadata
 from llamapro.config import load_config
 from llamapro.errors import EXIT_BAD_INPUT, CheckpointError, CompareError, ConfigError, EvalError
 from llamapro.eval.results import read_results, write_results
 from llamapro.eval.run import run_eval
+from llamapro.tensors import write_json_atomic
 
 RESULTS = "compare.json"
 
@@ -85,10 +86,10 @@ def evaluate_run(cfg, run: Path, say=None) -> dict:
 
 
 def _run_facts(run: Path) -> dict:
-    meta = read_metadata(run / "model") or {}
-    tr = meta.get("training") or {}
-    facts = {"mode": tr.get("mode"), "lr": (tr.get("config") or {}).get("lr"),
-             "tokens": tr.get("tokens"), "new_layers": meta.get("new_layer_indices") or []}
+    meta = read_metadata(run / "model") or ExpansionMetadata()
+    tr = meta.training or TrainingRecord()
+    facts = {"mode": tr.mode, "lr": (tr.config or {}).get("lr"), "tokens": tr.tokens,
+             "new_layers": meta.new_layer_indices}
     cfgp = run / "config.yaml"
     if cfgp.is_file():
         import yaml
@@ -110,7 +111,8 @@ def _run_facts(run: Path) -> dict:
 
 def row_of(label: str, run: Path, res: dict) -> dict:
     """One table row from a run's eval results."""
-    sets = res.get("sets") or {}
+    res = EvalResults.of(res)
+    sets = res.sets
     dom = [s for s in sets.values() if s["role"] == "domain"]
     ret = {n: s for n, s in sets.items() if s["role"] == "retention"}
     row = {"label": label, "run": str(run), **_run_facts(run)}
@@ -123,7 +125,7 @@ def row_of(label: str, run: Path, res: dict) -> dict:
     row["replayed_rise"] = max(rp) if rp else None
     row["not_replayed_sets"] = [n for n, s in ret.items() if s.get("replayed") is False]
     row["replayed_sets"] = [n for n, s in ret.items() if s.get("replayed")]
-    bat = (res.get("battery") or {}).get("tasks") or {}
+    bat = (res.battery or {}).get("tasks") or {}
     row["battery"] = {}
     for t, e in bat.items():
         v = e[e["metric"]]
@@ -134,9 +136,8 @@ def row_of(label: str, run: Path, res: dict) -> dict:
                            / len(row["battery"])) if row["battery"] else None
     row["battery_raw_drop"] = (sum(-b["change"] for b in row["battery"].values()) / len(row["battery"])
                                if row["battery"] else None)
-    g = res.get("greedy") or {}
-    row["greedy_exact"] = g.get("exact_match")
-    row["gate_passed"] = (res.get("gate") or {}).get("passed")
+    row["greedy_exact"] = (res.greedy or {}).get("exact_match")
+    row["gate_passed"] = res.gate.get("passed")
     return row
 
 

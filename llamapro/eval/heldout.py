@@ -4,13 +4,13 @@ Dataset, or from the configured data sources through Ray Data)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from llamapro.config.eval import EvalConfig
 from llamapro.errors import EvalError
+from llamapro.runtime import ensure_ray, spare_cpus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -122,7 +122,8 @@ def heldout_sets(cfg, ckpt, heldout: dict | None = None, say=None) -> dict:
                             f"sources of those names (configured: {known or 'none'})")
         if names:
             say(f"held-out blocks of {names} through Ray Data")
-            started = _ensure_ray()
+            started = ensure_ray("eval", num_cpus=spare_cpus(), include_dashboard=False,
+                                 log_to_driver=False, quiet_data=True)
             try:
                 heldout = heldout_from_config(data, str(ckpt), names, ec.max_blocks)
             finally:
@@ -148,18 +149,3 @@ def replayed_sources(cfg) -> dict[str, bool]:
     data = getattr(cfg, "data", None)
     return {s.name: s.weight > 0 for s in (data.sources if data else [])}
 
-
-def _ensure_ray() -> bool:
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:  # spare logical CPUs so Ray Data's tokenizer actors can start (they never get a CPU that Train holds)
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    return True

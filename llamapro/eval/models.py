@@ -1,47 +1,18 @@
-"""Models for evaluation: loading a checkpoint (safetensors only, GPU when there is one), the torch
-thread count for a block of work, and the process's peak memory."""
+"""The model under evaluation and the process it runs in: loading a checkpoint the evaluation way
+(:mod:`llamapro.loading`, on the GPU when there is one), torch's thread count for a block of
+work, and the process's peak memory."""
 
 from __future__ import annotations
 
 import contextlib
 import resource
-from pathlib import Path
 
-from llamapro.checkpoint import weight_files
-
-
-def _torch_dtype(name: str, cuda: bool):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if cuda else torch.float32
-    return getattr(torch, name)
+from llamapro import loading
 
 
 def load_model(model_dir, dtype: str = "auto", trust_remote_code: bool = False):
     """A causal LM from safetensors only, on GPU when there is one, in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    weight_files(Path(model_dir))  # refuses pickle-only / missing weights with a clear message
-    cuda = torch.cuda.is_available()
-    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_torch_dtype(dtype, cuda),
-                                             use_safetensors=True,
-                                             trust_remote_code=trust_remote_code)
-    return m.to("cuda" if cuda else "cpu").eval()
-
-
-def load_tokenizer(model_dir):
-    """The checkpoint's own tokenizer."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
-
-
-def has_tokenizer(d: Path) -> bool:
-    """Whether a model directory carries a tokenizer."""
-    return any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json",
-                                           "tokenizer_config.json"))
+    return loading.load_model(model_dir, dtype=dtype, device="auto", trust_remote_code=trust_remote_code)
 
 
 @contextlib.contextmanager

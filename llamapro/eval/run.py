@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from llamapro.checkpoint import read_metadata
+from llamapro.artifacts import EvalResults, ExpansionMetadata, RunLayout, locate, read_metadata
 from llamapro.config.eval import EvalConfig
 from llamapro.errors import BatteryError, CheckpointError, EvalError
 from llamapro.eval.base import BasePair, resolve_base, rollback_check
@@ -15,18 +15,19 @@ from llamapro.eval.gate import check_gate
 from llamapro.eval.harness import require_lm_eval, run_lm_eval
 from llamapro.eval.heldout import as_blocks, heldout_sets, load_prompts, replayed_sources
 from llamapro.eval.metrics import compare_sets, encode_prompts, greedy, greedy_summary, heldout_loss
-from llamapro.eval.models import has_tokenizer, load_model, load_tokenizer, peak_rss, torch_threads
+from llamapro.eval.models import load_model, peak_rss, torch_threads
 from llamapro.eval.results import RESULTS_FILE, RESULTS_VERSION, write_results
+from llamapro.loading import has_tokenizer, load_tokenizer
 
 
 def evaluate_checkpoint(checkpoint, heldout: dict, prompts: list[dict] | None, cfg: EvalConfig,
                         out_dir=None, trust_remote_code: bool = False, say=None,
-                        replayed: dict[str, bool] | None = None) -> dict:
+                        replayed: dict[str, bool] | None = None) -> EvalResults:
     """Evaluate ``checkpoint`` against its base; write ``out_dir/results.json`` if given.
 
     ``heldout`` maps a set name to ``{"input_ids", "labels"}`` arrays; ``prompts`` are records
     with a ``prompt`` (see :func:`load_prompts`). ``replayed`` says which sets were in the
-    training mixture (eval.gate.replayed_sets overrides it). Returns the results dict.
+    training mixture (eval.gate.replayed_sets overrides it). Returns the results (a dict).
     """
     say = say or (lambda m: None)
     t0 = time.perf_counter()
@@ -34,7 +35,7 @@ def evaluate_checkpoint(checkpoint, heldout: dict, prompts: list[dict] | None, c
     if not (ckpt / "config.json").is_file():
         raise CheckpointError(f"{ckpt}: no config.json; give a trained model directory "
                               "(RUN/model) or a run directory")
-    meta = read_metadata(ckpt) or {}
+    meta = read_metadata(ckpt) or ExpansionMetadata()
     heldout = {n: as_blocks(n, b["input_ids"], b.get("labels")) for n, b in (heldout or {}).items()}
     if cfg.lm_eval.enabled:
         require_lm_eval()  # fail before loading anything
@@ -58,9 +59,9 @@ def evaluate_checkpoint(checkpoint, heldout: dict, prompts: list[dict] | None, c
     return results
 
 
-def _evaluate(ckpt: Path, meta: dict, heldout: dict, prompts, cfg: EvalConfig, base_info: dict,
+def _evaluate(ckpt: Path, meta: ExpansionMetadata, heldout: dict, prompts, cfg: EvalConfig, base_info: dict,
               trust_remote_code: bool, say, battery_docs: dict | None = None,
-              replayed: dict | None = None) -> dict:
+              replayed: dict | None = None) -> EvalResults:
     import torch
 
     say(f"loading {ckpt}")
@@ -69,7 +70,7 @@ def _evaluate(ckpt: Path, meta: dict, heldout: dict, prompts, cfg: EvalConfig, b
     if base_info["mode"] == "path":
         say(f"loading base {base_info['path']}")
         base_model = load_model(base_info["path"], cfg.dtype, trust_remote_code)
-    pair = BasePair(model, meta.get("new_layer_indices") or [], base_model)
+    pair = BasePair(model, meta.new_layer_indices, base_model)
     gate_roles = {**{s: "retention" for s in cfg.gate.retention_sets},
                   **{s: "domain" for s in cfg.gate.domain_sets}}
 
@@ -124,15 +125,13 @@ def _evaluate(ckpt: Path, meta: dict, heldout: dict, prompts, cfg: EvalConfig, b
     if cfg.check_rollback:
         say("rollback check: strip the inserted blocks and compare with the base fingerprint")
         rollback = rollback_check(ckpt, meta, ckpt.parent)
-    training = meta.get("training") or {}
-    results = {
+    results = EvalResults({
         "version": RESULTS_VERSION,
         "checkpoint": str(ckpt.resolve()),
-        "kind": meta.get("kind"),
-        "base": {**base_info, "recorded_path": (meta.get("base") or {}).get("path"),
-                 "fingerprint": (meta.get("base") or {}).get("fingerprint")},
-        "new_layer_indices": list(meta.get("new_layer_indices") or []),
-        "originals_frozen": training.get("originals_frozen"),
+        "kind": meta.kind,
+        "base": {**base_info, "recorded_path": meta.base_path, "fingerprint": meta.base_fingerprint},
+        "new_layer_indices": list(meta.new_layer_indices),
+        "originals_frozen": meta.training.originals_frozen if meta.training is not None else None,
         "sets": sets,
         "greedy": greedy_res,
         "lm_eval": lm_res,
@@ -145,23 +144,11 @@ def _evaluate(ckpt: Path, meta: dict, heldout: dict, prompts, cfg: EvalConfig, b
         "eval_seconds": None,
         "eval_peak_rss_bytes": peak_rss(),
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    })
     return results
 
 
 # --- the step, from a config ----------------------------------------------------------------------
-
-def locate(run_or_checkpoint) -> tuple[Path | None, Path]:
-    """(run dir or None, checkpoint dir) from a run directory (with model/) or a checkpoint."""
-    p = Path(run_or_checkpoint)
-    if (p / "model" / "config.json").is_file():
-        return p, p / "model"
-    if (p / "config.json").is_file():
-        run = p.parent if (p.parent / "metrics.jsonl").is_file() else None
-        return run, p
-    raise CheckpointError(f"{p} is neither a run directory (with model/) nor a model directory "
-                          "(with config.json)")
-
 
 def eval_paths(cfg, run_dir=None, checkpoint=None) -> tuple[Path | None, Path, Path, Path]:
     """Where the eval step reads and writes: (run dir or None, checkpoint, home, results dir).
@@ -172,12 +159,12 @@ def eval_paths(cfg, run_dir=None, checkpoint=None) -> tuple[Path | None, Path, P
     if run_dir:
         run = Path(run_dir)
     home = run or ckpt.parent / f"{ckpt.name}-eval"  # a bare checkpoint: results beside it
-    out_dir = Path(ec.output_dir) if ec.output_dir else home / "eval"
+    out_dir = Path(ec.output_dir) if ec.output_dir else RunLayout(home).eval
     return run, ckpt, home, out_dir
 
 
 def run_eval(cfg, run_dir=None, checkpoint=None, heldout: dict | None = None,
-             trust_remote_code: bool | None = None, say=None) -> dict:
+             trust_remote_code: bool | None = None, say=None) -> EvalResults:
     """The eval step of the pipeline: what ``llamapro eval`` and ``jobs/eval.py`` call.
 
     ``cfg`` is the config tree (sections run, model, data, eval). Held-out sets are ``heldout``

@@ -15,7 +15,7 @@ content), ``render`` (Markdown and HTML), ``build`` (:func:`build_report`, and
 :mod:`llamapro.eval` and reads its results; eval never imports the report.
 """
 
-from llamapro.report.build import REPORT_DIR, build_report, evaluate_and_report
+from llamapro.report.build import build_report, evaluate_and_report
 from llamapro.report.inputs import layer_table, read_events, summarize
 from llamapro.report.plots import (
     plot_alpha_curve,
@@ -31,7 +31,7 @@ from llamapro.report.sections import battery_section, curve_table, report_sectio
 _strip_verdict = strip_verdict  # the name llamapro.publish.export imports
 
 __all__ = [
-    "REPORT_DIR", "build_report", "evaluate_and_report", "layer_table", "read_events", "summarize",
+    "build_report", "evaluate_and_report", "layer_table", "read_events", "summarize",
     "plot_alpha_curve", "plot_greedy", "plot_loss", "plot_perplexity", "plot_stack",
     "plot_throughput", "md_table", "render_html", "render_markdown", "strip_verdict",
     "battery_section", "curve_table", "report_sections", "rollback_sentence",

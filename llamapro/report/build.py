@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llamapro.checkpoint import read_metadata
+from llamapro.artifacts import RunLayout, read_metadata
 from llamapro.eval.results import read_results, write_results
 from llamapro.eval.run import eval_paths, run_eval
 from llamapro.report.inputs import locate_run, read_events
@@ -20,8 +20,6 @@ from llamapro.report.plots import (
 from llamapro.report.render import render_html, render_markdown
 from llamapro.report.sections import report_sections
 
-REPORT_DIR = "report"
-
 
 def build_report(run_dir, eval_results: dict | None = None, out_dir=None) -> Path:
     """Write ``report.md``, ``report.html`` and the PNGs into ``out_dir`` (default RUN/report).
@@ -34,9 +32,9 @@ def build_report(run_dir, eval_results: dict | None = None, out_dir=None) -> Pat
     meta = read_metadata(ckpt) if ckpt else None
     if eval_results is None:
         eval_results = read_results(run)
-    fusion = read_results(run / "fusion")  # written by `llamapro fuse` on this run
+    fusion = read_results(RunLayout(run).fusion)  # written by `llamapro fuse` on this run
     events = read_events(run)
-    out = Path(out_dir) if out_dir else run / REPORT_DIR
+    out = Path(out_dir) if out_dir else RunLayout(run).report
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):  # never show a stale plot from an earlier report
         old.unlink()
@@ -65,7 +63,7 @@ def evaluate_and_report(cfg, run_dir=None, checkpoint=None, heldout: dict | None
                        trust_remote_code=trust_remote_code, say=say)
     if cfg.eval.report:
         run, ckpt, home, out_dir = eval_paths(cfg, run_dir, checkpoint)
-        report_dir = home / REPORT_DIR
+        report_dir = RunLayout(home).report
         say(f"report -> {report_dir}")
         results["report"] = str(build_report(run or ckpt, results, out_dir=report_dir))
         write_results(out_dir, results)

@@ -7,6 +7,8 @@ import json
 import statistics
 from pathlib import Path
 
+from llamapro.artifacts import ExpansionMetadata, TrainingRecord
+
 
 def read_events(run_dir) -> list[dict]:
     """Events of ``metrics.jsonl`` (unreadable lines skipped; a resumed run's repeated steps are
@@ -44,14 +46,14 @@ def locate_run(run_dir: Path) -> tuple[Path, Path | None]:
 
 def summarize(events: list[dict], meta: dict | None) -> dict:
     """Tokens, time, throughput and peak memory of the training run."""
-    training = (meta or {}).get("training") or {}
+    training = ExpansionMetadata.of(meta or {}).training or TrainingRecord()
     steps = step_events(events)
-    tokens = training.get("tokens") or (steps[-1].get("tokens") if steps else None)
-    seconds = training.get("train_seconds") or (sum(s.get("step_s", 0) for s in steps) or None)
+    tokens = training.tokens or (steps[-1].get("tokens") if steps else None)
+    seconds = training.train_seconds or (sum(s.get("step_s", 0) for s in steps) or None)
     rates = [s["tokens_per_s"] for s in steps if isinstance(s.get("tokens_per_s"), (int, float))]
     peaks = [e["peak_rss_bytes"] for e in events if isinstance(e.get("peak_rss_bytes"), (int, float))]
     return {
-        "steps": training.get("steps") or (steps[-1]["step"] if steps else None),
+        "steps": training.steps or (steps[-1]["step"] if steps else None),
         "tokens": tokens,
         "train_seconds": seconds,
         "tokens_per_s": (tokens / seconds) if tokens and seconds else None,
@@ -65,16 +67,17 @@ def summarize(events: list[dict], meta: dict | None) -> dict:
 
 def layer_table(meta: dict | None) -> list[dict]:
     """One row per layer of the stack: index, new or original, source/original index, stage."""
-    if not meta or not meta.get("num_layers"):
+    meta = ExpansionMetadata.of(meta)
+    if not meta or not meta.num_layers:
         return []
-    new = {int(i) for i in meta.get("new_layer_indices") or []}
-    sources = {int(k): v for k, v in (meta.get("new_layer_sources") or {}).items()}
+    new = {int(i) for i in meta.new_layer_indices}
+    sources = {int(k): v for k, v in meta.new_layer_sources.items()}
     stage_of = {}
-    for st in ((meta.get("training") or {}).get("stages") or []):
+    for st in (meta.training or TrainingRecord()).stages:
         for layer in st.get("layers") or []:
             stage_of.setdefault(int(layer), st.get("index", 0))
     rows, o = [], 0
-    for i in range(int(meta["num_layers"])):
+    for i in range(int(meta.num_layers)):
         if i in new:
             rows.append({"index": i, "new": True, "source": sources.get(i), "stage": stage_of.get(i)})
         else:

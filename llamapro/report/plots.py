@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llamapro.artifacts import EvalResults, ExpansionMetadata
 from llamapro.report.inputs import layer_table, step_events
 
 STAGE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
@@ -48,7 +49,7 @@ def plot_loss(events: list[dict], results: dict | None, path: Path) -> bool:
         ax.plot(x, [p["loss"] for p in pts], "-o", color=c, ms=3, lw=1.5,
                 label=f"training loss, {names.get(k, f'stage {k}')}")
     set_names = sorted({n for e in evals for n in (e.get("eval_loss") or {})})
-    base_sets = (results or {}).get("sets") or {}
+    base_sets = EvalResults.of(results or {}).sets
     for i, n in enumerate(set_names):
         c = SET_COLORS[i % len(SET_COLORS)]
         pts = [(e["step"], e["eval_loss"][n]) for e in evals if n in (e.get("eval_loss") or {})]
@@ -87,13 +88,14 @@ def plot_throughput(events: list[dict], path: Path) -> bool:
 
 
 def plot_perplexity(results: dict, path: Path) -> bool:
-    sets = (results or {}).get("sets") or {}
+    results = EvalResults.of(results or {})
+    sets = results.sets
     if not sets:
         return False
     import numpy as np
 
     names = list(sets)
-    gate = (results.get("gate") or {})
+    gate = results.gate
     thr = {c["set"]: c for c in gate.get("checks", []) if c.get("set")}
     fig = _figure(max(8, 2.2 * len(names) + 4), 4.4)
     ax1, ax2 = fig.subplots(1, 2, width_ratios=[1.3, 1])
@@ -153,6 +155,7 @@ def plot_stack(meta: dict | None, path: Path) -> bool:
     rows = layer_table(meta)
     if not rows:
         return False
+    meta = ExpansionMetadata.of(meta)
     from matplotlib.patches import Patch, Rectangle
 
     n = len(rows)
@@ -176,7 +179,7 @@ def plot_stack(meta: dict | None, path: Path) -> bool:
             ax.add_patch(Rectangle((0, y), 1, 0.88, color=ORIGINAL_COLOR, ec="#888", lw=0.6))
             if label_all:
                 ax.text(0.5, y + 0.44, f"layer {y} (original {r['original']}, frozen)"
-                        if (meta.get("training") or {}).get("originals_frozen", True) else
+                        if (meta.training or {}).get("originals_frozen", True) else
                         f"layer {y} (original {r['original']})", ha="center", va="center",
                         fontsize=fs, color="#333")
     ax.add_patch(Rectangle((0, n + 0.1), 1, 0.9, color="#e8e8e8", ec="#777"))
@@ -186,7 +189,7 @@ def plot_stack(meta: dict | None, path: Path) -> bool:
     ax.axis("off")
     n_new = sum(r["new"] for r in rows)
     ax.set_title(f"Decoder stack: {n - n_new} original + {n_new} inserted = {n} layers "
-                 f"({meta.get('strategy', '?')})", fontsize=10)
+                 f"({'?' if meta.strategy is None else meta.strategy})", fontsize=10)
     stages = sorted({r["stage"] for r in rows if r["new"] and r["stage"] is not None})
     handles = [Patch(color=ORIGINAL_COLOR, label="original (from the base)")]
     handles += [Patch(color=STAGE_COLORS[s % len(STAGE_COLORS)], label=f"inserted, trained from stage {s}")
@@ -197,7 +200,7 @@ def plot_stack(meta: dict | None, path: Path) -> bool:
 
 
 def plot_greedy(results: dict, path: Path) -> bool:
-    g = (results or {}).get("greedy")
+    g = EvalResults.of(results or {}).greedy
     if not g or not g.get("items"):
         return False
     items = g["items"]
