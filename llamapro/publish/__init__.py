@@ -3,7 +3,7 @@ formats (GGUF, torchao, GPTQ/AWQ), the fused model (``fuse``, with a fusion stre
 regression gate), expansion packs (``pack`` / ``apply`` / ``strip --pack``), and the model card
 each of them carries.
 
-Files: ``source`` (locate a run or checkpoint, merge adapters), ``standard_dir`` (write a loaded
+Files: ``source`` (a run or checkpoint checked against OUT, its model loaded, adapters merged), ``standard_dir`` (write a loaded
 model as a standard directory), ``card`` (every model card), ``export`` (``llamapro export`` and
 its formats), ``gguf`` / ``gguf_pretok``, ``quant``, ``fuse``, and the ``pack`` package.
 """
@@ -24,12 +24,12 @@ from llamapro.publish.pack import (
     strip_pack,
 )
 from llamapro.publish.quant import export_gptq, export_torchao, heldout_windows, perplexity
-from llamapro.publish.source import check_destination, find_adapter, load_merged, locate_source
+from llamapro.publish.source import check_destination, find_adapter, load_merged
 from llamapro.publish.standard_dir import write_standard_dir
 
 __all__ = ["FORMATS", "FuseError", "GGUFExportError", "NoAlphaPassesGate", "PackError", "PackedModel",
            "QuantExportError", "apply_packs", "check_destination", "compose", "data_mixture", "export",
            "export_format", "export_gguf", "export_gptq", "export_torchao", "find_adapter", "format_fusion",
-           "fuse", "gguf_card", "heldout_windows", "load_merged", "load_packs_into", "locate_source",
+           "fuse", "gguf_card", "heldout_windows", "load_merged", "load_packs_into",
            "make_pack", "model_card", "pack_card", "perplexity", "read_base", "read_pack", "run_fuse",
            "strip_pack", "write_standard_dir"]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from llamapro.report import _strip_verdict, curve_table, md_table
+from llamapro.artifacts import BaseRecord, EvalResults, ExpansionMetadata, TrainingRecord
+from llamapro.report import curve_table, md_table, strip_verdict
 
 CARD_FILE = "README.md"
 CURVE_PNG = "alpha_curve.png"
@@ -28,7 +29,7 @@ def _hub_id(ref: str | None) -> str | None:
 def data_mixture(meta: dict, run: Path | None) -> list[dict] | None:
     """The training data mixture when recorded: metadata ``training.data`` / ``data``, or the run's
     config snapshot (``RUN/config.yaml`` / ``RUN/config.json``) ``data.sources``."""
-    training = meta.get("training") or {}
+    training = ExpansionMetadata.of(meta).training or {}
     data = training.get("data") or meta.get("data")
     if data is None and run is not None:
         for name in ("config.yaml", "config.json", "llamapro_config.yaml", "llamapro_config.json"):
@@ -54,9 +55,10 @@ def model_card(meta: dict, export_info: dict, results: dict | None, mixture: lis
                sections: list[str] | None = None) -> str:
     """The README.md of an export; ``sections`` (Markdown lines, e.g. the fusion's) go before
     the evaluation."""
-    base = meta.get("base") or {}
-    training = meta.get("training") or {}
-    hub = base_model or _hub_id(base.get("path"))
+    meta, results = ExpansionMetadata.of(meta), EvalResults.of(results)
+    base = meta.base or BaseRecord()
+    training = meta.training or TrainingRecord()
+    hub = base_model or _hub_id(base.path)
     fm = ["---"]
     if hub:
         fm.append(f"base_model: {hub}")
@@ -64,18 +66,18 @@ def model_card(meta: dict, export_info: dict, results: dict | None, mixture: lis
         fm.append(f"license: {license}")
     fm += ["library_name: transformers", "pipeline_tag: text-generation", "tags:", "- llamapro",
            "- llama-pro", "- block-expansion"]
-    if base.get("model_type"):
-        fm.append(f"- {base['model_type']}")
+    if base.model_type:
+        fm.append(f"- {base.model_type}")
     fm.append("---")
     name = export_info.get("name", "model")
-    n_new = len(meta.get("new_layer_indices") or [])
+    n_new = len(meta.new_layer_indices)
     L = fm + ["", f"# {name}", ""]
     if n_new:
         L += [f"{base.get('model_type', 'A')} model grown from {meta.get('num_original_layers', '?')} to "
               f"{meta.get('num_layers', '?')} layers with LLaMA-Pro block expansion (Wu et al., 2024): "
               f"{n_new} identity-initialised decoder blocks were inserted and "
               + ("only they were trained; the original layers are bit-identical to the base."
-                 if training.get("originals_frozen") else "trained.") + " Exported by llamapro.", ""]
+                 if training.originals_frozen else "trained.") + " Exported by llamapro.", ""]
     else:
         L += ["Exported by llamapro.", ""]
     L += ["## Lineage", "", "| | |", "|---|---|",
@@ -83,15 +85,15 @@ def model_card(meta: dict, export_info: dict, results: dict | None, mixture: lis
           f"| base path when trained | `{base.get('path', '?')}` |",
           f"| base fingerprint | `{base.get('fingerprint', '?')}` |",
           f"| layers | {meta.get('num_original_layers', '?')} original + {n_new} inserted = {meta.get('num_layers', '?')} |",
-          f"| inserted positions | {meta.get('new_layer_indices', [])} |",
-          f"| each copied from original layer | {meta.get('new_layer_sources', {})} |",
+          f"| inserted positions | {meta.new_layer_indices} |",
+          f"| each copied from original layer | {meta.new_layer_sources} |",
           f"| strategy | {meta.get('strategy', '?')} |",
           f"| training mode | {training.get('mode', 'not trained')} |",
           f"| originals frozen | {training.get('originals_frozen', '?')} |",
           f"| export fingerprint | `{export_info.get('fingerprint', '?')}` |",
           f"| dtype | {export_info.get('dtype', '?')} |",
           f"| merged adapter | {export_info.get('merged_adapter') or 'none'} |"]
-    fusion = meta.get("fusion")
+    fusion = meta.fusion
     if fusion:
         L.append(f"| fusion | {fusion['method']}, alpha {fusion['alpha']:g}"
                  + (" (chosen by the regression gate)" if fusion.get("curve") else "") + " |")
@@ -103,7 +105,7 @@ def model_card(meta: dict, export_info: dict, results: dict | None, mixture: lis
     else:
         L.append("Not recorded with this checkpoint.")
     L.append("")
-    stages = training.get("stages") or []
+    stages = training.stages
     if stages:
         L += ["## Training stages", "", "| stage | name | trains layers | steps |", "|---|---|---|---|"]
         L += [f"| {s.get('index')} | {s.get('name', '')} | {s.get('layers')} | {s.get('steps')} |" for s in stages]
@@ -111,20 +113,20 @@ def model_card(meta: dict, export_info: dict, results: dict | None, mixture: lis
                   f"{training.get('train_seconds') or 0:,.0f} s; best held-out loss "
                   f"{training.get('best_eval_loss')}; early-stopped stages: "
                   f"{training.get('early_stopped_stages') or 'none'}."
-              if isinstance(training.get("tokens"), int) else "", ""]
+              if isinstance(training.tokens, int) else "", ""]
     L += list(sections or [])
     L += ["## Evaluation", ""]
-    if results and results.get("sets"):
+    if results and results.sets:
         L += ["| held-out set | role | base ppl | this model ppl | change |", "|---|---|---|---|---|"]
         L += [f"| {n} | {s['role']} | {s['base']['ppl']:.4g} | {s['trained']['ppl']:.4g} | {s['ppl_change']:+.2%} |"
               for n, s in results["sets"].items()]
-        g = results.get("greedy")
+        g = results.greedy
         if g:
             L += ["", f"Greedy answers on {g['prompts']} regression prompts agree with the base's "
                       f"exactly on {g['exact_match']:.0%} (mean prefix agreement {g['prefix_agreement']:.0%})."]
-        gate = results.get("gate") or {}
+        gate = results.gate
         verdict = ("passed" if gate.get("passed") else "FAILED") if gate.get("enabled") else "disabled"
-        L += ["", f"**Regression gate: {verdict}.** {_strip_verdict(gate.get('summary', ''))}", ""]
+        L += ["", f"**Regression gate: {verdict}.** {strip_verdict(gate.get('summary', ''))}", ""]
     else:
         L += ["Not evaluated (no `llamapro eval` results with this run).", ""]
     L += ["## Usage", "", "```python",
@@ -133,9 +135,9 @@ def model_card(meta: dict, export_info: dict, results: dict | None, mixture: lis
           f'model = AutoModelForCausalLM.from_pretrained("{name}")',
           "```", "", "A standard checkpoint: neither llamapro nor peft is needed to load it.", "",
           "## Rollback", ""]
-    rb = (results or {}).get("rollback") or {}
-    if n_new and training.get("originals_frozen") and export_info.get("dtype_kept"):
-        L.append(f"`llamapro strip {name} BASE_AGAIN` removes layers {meta.get('new_layer_indices')} and "
+    rb = (results.rollback if results else None) or {}
+    if n_new and training.originals_frozen and export_info.get("dtype_kept"):
+        L.append(f"`llamapro strip {name} BASE_AGAIN` removes layers {meta.new_layer_indices} and "
                  "gives back the base exactly (same fingerprint as above)"
                  + (", as the evaluation verified." if rb.get("equals_base") else "."))
     elif n_new:
@@ -219,9 +221,9 @@ def pack_card(info: dict) -> str:
 
 def gguf_card(meta: dict, x: dict) -> str:
     """The README.md of a GGUF export, from its lineage and the writer's result ``x``."""
-    n_new = len(meta.get("new_layer_indices") or [])
-    grown = (f" grown with LLaMA-Pro block expansion ({n_new} inserted blocks at "
-             f"{meta.get('new_layer_indices')})" if n_new else "")
+    new = ExpansionMetadata.of(meta).new_layer_indices
+    grown = (f" grown with LLaMA-Pro block expansion ({len(new)} inserted blocks at "
+             f"{new})" if new else "")
     return "\n".join([
         "---", "tags:", "- llamapro", "- gguf", "---", "", f"# {x['name']}", "",
         f"A {x['arch']} model{grown}, as one GGUF file (`{x['file']}`, {x['quant'].upper()}) for "

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llamapro.checkpoint import CheckpointError, read_metadata
-from llamapro.eval import read_results
+from llamapro.artifacts import read_metadata, read_results
+from llamapro.errors import CheckpointError
 from llamapro.publish.gguf import export_gguf
 from llamapro.publish.quant import export_gptq, export_torchao
 from llamapro.publish.source import check_destination, load_merged

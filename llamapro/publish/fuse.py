@@ -33,11 +33,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from llamapro.checkpoint import CheckpointError, fingerprint, read_config, read_metadata, require_metadata
+from llamapro.artifacts import (
+    ExpansionMetadata,
+    RunLayout,
+    locate,
+    read_metadata,
+    read_results,
+    require_metadata,
+    write_results,
+)
 from llamapro.config.eval import FUSE_METHODS, EvalConfig, parse_alpha
-from llamapro.errors import EvalError, FuseError, NoAlphaPassesGate  # noqa: F401
+from llamapro.errors import CheckpointError, EvalError, FuseError, NoAlphaPassesGate  # noqa: F401
 from llamapro.eval import (
-    _as_blocks,
+    as_blocks,
     check_gate,
     compare_sets,
     encode_prompts,
@@ -46,25 +54,24 @@ from llamapro.eval import (
     heldout_loss,
     heldout_sets,
     load_prompts,
-    read_results,
     torch_threads,
-    write_results,
 )
 from llamapro.expand.api import resolve_local
 from llamapro.expand.families import Family, family_for, num_layers_of, split_layer_key, writer_param_names
 from llamapro.expand.strategies import Placement
 from llamapro.publish.card import CURVE_PNG, fused_results, fusion_section
-from llamapro.publish.source import adapter_base, check_destination, find_adapter, load_merged, locate_source
+from llamapro.loading import has_tokenizer, load_model, load_tokenizer
+from llamapro.publish.source import adapter_base, check_destination, find_adapter, load_merged
 from llamapro.publish.standard_dir import write_standard_dir
 from llamapro.report import build_report, plot_alpha_curve
+from llamapro.tensors import fingerprint, read_config
 
-FUSION_DIR = "fusion"
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 # --- what is being fused ------------------------------------------------------------------------
 
-def source_metadata(ckpt: Path) -> tuple[dict, Placement]:
+def source_metadata(ckpt: Path) -> tuple[ExpansionMetadata, Placement]:
     """The checkpoint's llamapro metadata and the placement of its inserted blocks; refuses
     anything that is not an expanded (and usually trained) checkpoint."""
     meta_dir = ckpt
@@ -79,9 +86,9 @@ def source_metadata(ckpt: Path) -> tuple[dict, Placement]:
                         "`llamapro expand`, then trained), so there are no inserted blocks to fuse. "
                         "A plain checkpoint needs no fusion; use `llamapro export`")
     meta = require_metadata(meta_dir)
-    new = sorted(int(i) for i in meta.get("new_layer_indices") or [])
+    new = sorted(int(i) for i in meta.new_layer_indices)
     if not new:
-        mode = (meta.get("training") or {}).get("mode")
+        mode = meta.training.mode if meta.training else None
         raise FuseError(f"{ckpt} records no inserted layers" + (f" (a {mode} baseline)" if mode else "")
                         + ": fusion blends inserted blocks; use `llamapro export` for this checkpoint")
     try:
@@ -99,7 +106,8 @@ def source_metadata(ckpt: Path) -> tuple[dict, Placement]:
 
 
 def originals_frozen(meta: dict) -> bool:
-    training = meta.get("training") or {}
+    """Whether training kept the original layers frozen (an untrained expansion: yes)."""
+    training = ExpansionMetadata.of(meta).training or {}
     return bool(training.get("originals_frozen", meta.get("kind") == "expanded"))
 
 
@@ -108,7 +116,8 @@ def resolve_base_dir(meta: dict, explicit: str | None = None) -> tuple[Path | No
 
     An explicit base must have the recorded fingerprint; the recorded path is used when it still
     does; otherwise the trained checkpoint's own originals, if they were frozen; else refused."""
-    want = (meta.get("base") or {}).get("fingerprint")
+    meta = ExpansionMetadata.of(meta)
+    want = meta.base_fingerprint
     if explicit:
         d = resolve_local(explicit)
         fp = fingerprint(d)
@@ -117,7 +126,7 @@ def resolve_base_dir(meta: dict, explicit: str | None = None) -> tuple[Path | No
                             f"checkpoint was expanded from ({want}); the identity initialisation must "
                             "come from that exact base")
         return d, f"the base at {d} (fingerprint checked)"
-    recorded = (meta.get("base") or {}).get("path")
+    recorded = meta.base_path
     note = f"the recorded base {recorded!r} is not reachable"
     if recorded and Path(recorded).is_dir():
         try:
@@ -137,9 +146,10 @@ def resolve_base_dir(meta: dict, explicit: str | None = None) -> tuple[Path | No
 
 
 def _family(meta: dict, model_type: str) -> Family:
-    name = str(meta.get("family") or "")
+    meta = ExpansionMetadata.of(meta)
+    name = str(meta.family or "")
     if name.startswith("user:"):  # writers named by the user at expansion time
-        return Family(name, (model_type,), tuple(meta.get("zeroed_in_new_blocks") or ()), ())
+        return Family(name, (model_type,), tuple(meta.zeroed_in_new_blocks), ())
     return family_for(model_type)
 
 
@@ -276,11 +286,9 @@ def choose_alpha(curve: list[dict]) -> dict:
 def _greedy_inputs(ckpt: Path, ec: EvalConfig, prompts):
     if not prompts or (ec.gate.min_greedy_exact_match <= 0 and ec.gate.min_greedy_prefix_agreement <= 0):
         return None  # the gate does not look at greedy answers: don't spend on them
-    from transformers import AutoTokenizer
-
-    if not any((ckpt / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if not has_tokenizer(ckpt):
         raise EvalError(f"{ckpt} has no tokenizer: the gate's greedy thresholds cannot be checked")
-    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    tok = load_tokenizer(ckpt)
     return prompts, tok, encode_prompts(tok, prompts, ec.chat_template)
 
 
@@ -312,7 +320,7 @@ def fuse(src, out, method: str = "residual", alpha=None, *, alphas=DEFAULT_ALPHA
     meta, placement = source_metadata(ckpt)
     ec = eval_cfg or EvalConfig()
     if alpha == "auto":
-        heldout = {n: _as_blocks(n, b["input_ids"], b.get("labels")) for n, b in (heldout or {}).items()}
+        heldout = {n: as_blocks(n, b["input_ids"], b.get("labels")) for n, b in (heldout or {}).items()}
         check_auto_gate(ec, heldout)
     base_dir, identity_from = (None, "not needed (residual)")
     if method == "weighted":
@@ -328,12 +336,9 @@ def fuse(src, out, method: str = "residual", alpha=None, *, alphas=DEFAULT_ALPHA
     if method == "weighted":
         base_m = None
         if base_dir is not None:
-            from transformers import AutoModelForCausalLM
-
             say(f"loading base {base_dir} to rebuild the identity initialisation")
-            base_m = AutoModelForCausalLM.from_pretrained(
-                str(base_dir), dtype=next(model.parameters()).dtype, use_safetensors=True,
-                trust_remote_code=trust_remote_code).eval()
+            base_m = load_model(base_dir, dtype=next(model.parameters()).dtype,
+                                trust_remote_code=trust_remote_code)
         blender = Blender(model, identity_reference(model, meta, placement, base_m))
         del base_m  # the blender keeps only the tensors that differ
         new = set(placement.new_indices)
@@ -368,7 +373,7 @@ def fuse(src, out, method: str = "residual", alpha=None, *, alphas=DEFAULT_ALPHA
         shutil.rmtree(scratch, ignore_errors=True)
     res["fusion"] = fusion
     if run is not None and report:
-        write_results(run / FUSION_DIR, {**fusion, "out": str(Path(out).resolve()), "source": str(ckpt.resolve())})
+        write_results(RunLayout(run).fusion, {**fusion, "out": str(Path(out).resolve()), "source": str(ckpt.resolve())})
         res["report"] = str(build_report(run))
         say(f"report -> {res['report']}")
     return res
@@ -396,8 +401,8 @@ def run_fuse(cfg, source=None, out=None, heldout: dict | None = None, force: boo
     src = Path(source or cfg.run.run_dir())
     _check_src(src)
     if out is None and not fc.out:
-        run, ckpt = locate_source(src)
-        out = (run or ckpt.parent) / "fused"
+        run, ckpt = locate(src, adapters=True)
+        out = RunLayout(run or ckpt.parent).fused
     force = force or fc.force
     run, ckpt, out = check_destination(src, out or fc.out, force)  # refuse early, before any work
     source_metadata(ckpt)

@@ -29,11 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from llamapro.checkpoint import atomic_dir, read_metadata, write_metadata
+from llamapro.artifacts import ExpansionMetadata, read_metadata, write_metadata
 from llamapro.errors import GGUFExportError  # noqa: F401
+from llamapro.loading import load_config, load_tokenizer
 from llamapro.publish.card import CARD_FILE, gguf_card
 from llamapro.publish.gguf_pretok import CHKTXT, PRE_TOKENIZERS
 from llamapro.publish.source import check_destination, load_merged
+from llamapro.tensors import atomic_dir
 
 QUANTS = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0",
           "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1"}
@@ -87,9 +89,8 @@ def _tokenizer_kind(ckpt: Path) -> str:
 def vocab(ckpt: Path, vocab_size: int):
     """(tokens, token types, pre-tokenizer name, notes) as llama.cpp's get_vocab_base builds them."""
     import gguf
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    tok = load_tokenizer(ckpt)
     v = tok.get_vocab()
     if max(v.values()) >= vocab_size:
         raise GGUFExportError(f"tokenizer has ids up to {max(v.values())} but the model's vocab is {vocab_size}")
@@ -252,13 +253,11 @@ def export_gguf(src, out, quant: str = "f16", force: bool = False, trust_remote_
                 say=None) -> dict:
     """Export a run (RUN/model) or checkpoint to the directory ``out`` holding one GGUF file."""
     import torch
-    from transformers import AutoConfig
 
     say = say or (lambda m: None)
     quant = quant.lower()
     run, ckpt, out = check_destination(src, out, force)
-    cfg = AutoConfig.from_pretrained(str(ckpt), trust_remote_code=trust_remote_code) \
-        if (ckpt / "config.json").is_file() else None
+    cfg = load_config(ckpt, trust_remote_code=trust_remote_code) if (ckpt / "config.json").is_file() else None
     if cfg is not None:  # refuse before loading weights
         check_request(cfg.model_type, quant)
         _check_config(cfg)
@@ -278,7 +277,7 @@ def export_gguf(src, out, quant: str = "f16", force: bool = False, trust_remote_
                        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                        "merged_adapter": info["merged_adapter"], "num_layers": model.config.num_hidden_layers,
                        **res}
-        new_meta = dict(meta) if meta else {"new_layer_indices": []}
+        new_meta = ExpansionMetadata(meta if meta else {"new_layer_indices": []})
         new_meta.update(kind="exported", export=export_info)
         write_metadata(tmp, new_meta)
         (tmp / CARD_FILE).write_text(gguf_card(new_meta, export_info), encoding="utf-8")

@@ -21,12 +21,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from llamapro.checkpoint import atomic_dir, copy_side_files, read_metadata, write_metadata
+from llamapro.artifacts import ExpansionMetadata, read_metadata, write_metadata
 from llamapro.data.corpora import DEBIAN_REFERENCE, _read, python_doc_root
 from llamapro.errors import QuantExportError  # noqa: F401
+from llamapro.loading import load_model, load_tokenizer
 from llamapro.publish.card import CARD_FILE, quantization_section
 from llamapro.publish.source import ADAPTER_CONFIG, check_destination, find_adapter, load_merged
 from llamapro.publish.standard_dir import write_standard_dir
+from llamapro.tensors import atomic_dir, copy_side_files
 
 
 def _need(module: str, extra: str = "quant") -> None:
@@ -78,7 +80,6 @@ def export_torchao(src, out, scheme: str = "int8", force: bool = False, trust_re
                    say=None) -> dict:
     """Weight-only quantize a run or checkpoint with torchao; OUT loads with from_pretrained."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     say = say or (lambda m: None)
     run, ckpt, out = check_destination(src, out, force)
@@ -87,8 +88,7 @@ def export_torchao(src, out, scheme: str = "int8", force: bool = False, trust_re
     plain, cleanup, info = _plain_dir(ckpt, trust_remote_code, say)
     try:
         say(f"loading {plain} with torchao {scheme} weight-only quantization")
-        model = AutoModelForCausalLM.from_pretrained(str(plain), dtype=torch.float32, quantization_config=qc,
-                                                     trust_remote_code=trust_remote_code).eval()
+        model = load_model(plain, dtype="float32", quantization_config=qc, trust_remote_code=trust_remote_code)
         q = {"method": "torchao", "scheme": f"{scheme}_weight_only",
              "quantized_linears": sum(1 for m in model.modules()
                                       if isinstance(m, torch.nn.Linear)
@@ -145,17 +145,14 @@ def export_gptq(src, out, method: str = "gptq", force: bool = False, trust_remot
                                "on this CPU-only machine use --format gguf --quant q4_0/q8_0 or "
                                "--format torchao-int8, or run this export where a GPU is present")
     _need("llmcompressor", "gptq")
-    import torch
     from datasets import Dataset
     from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     meta = read_metadata(ckpt) or {}
     plain, cleanup, info = _plain_dir(ckpt, trust_remote_code, say)
     try:
-        tok = AutoTokenizer.from_pretrained(str(plain))
-        model = AutoModelForCausalLM.from_pretrained(str(plain), dtype=torch.bfloat16,
-                                                     trust_remote_code=trust_remote_code)
+        tok = load_tokenizer(plain)
+        model = load_model(plain, dtype="bfloat16", trust_remote_code=trust_remote_code, eval_mode=False)
         texts = texts or calibration_texts()
         ds = Dataset.from_dict(dict(tok(texts, truncation=True, max_length=max_seq_length)))
         say(f"{method}: calibrating on {len(texts)} texts")
@@ -165,7 +162,7 @@ def export_gptq(src, out, method: str = "gptq", force: bool = False, trust_remot
             model.save_pretrained(tmp, save_compressed=True)
             copy_side_files(plain, tmp, skip=(CARD_FILE, ADAPTER_CONFIG, "adapter_model.safetensors"))
             q = {"method": f"llmcompressor-{method}", "scheme": "W4A16", "calibration_texts": len(texts)}
-            new_meta = dict(meta) if meta else {"new_layer_indices": []}
+            new_meta = ExpansionMetadata(meta if meta else {"new_layer_indices": []})
             new_meta.update(kind="exported", quantization=q,
                             export={"format": method, "from": str(ckpt), **info})
             write_metadata(tmp, new_meta)

@@ -1,6 +1,7 @@
-"""What a publish step reads: a run directory or checkpoint, located and checked against OUT, and
-its model loaded with any PEFT adapter merged (export, fuse, GGUF, quantized exports and packs
-all start here)."""
+"""What a publish step reads: a run directory or checkpoint (located by
+:func:`llamapro.artifacts.locate`, adapters included) checked against OUT, and its model loaded
+(:func:`llamapro.loading.load_model`) with any PEFT adapter merged. Export, fuse, GGUF, the
+quantized exports and packs all start here."""
 
 from __future__ import annotations
 
@@ -10,29 +11,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from llamapro.checkpoint import CheckpointError, weight_files
+from llamapro.artifacts import ADAPTER_CONFIG, locate
+from llamapro.errors import CheckpointError
+from llamapro.loading import load_model
+from llamapro.tensors import weight_files
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = (ADAPTER_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
 
 
-def locate_source(src) -> tuple[Path | None, Path]:
-    """(run dir or None, checkpoint dir). A run dir holds model/; a checkpoint holds config.json
-    or (a pure adapter) adapter_config.json."""
-    p = Path(src)
-    if (p / "model" / "config.json").is_file() or (p / "model" / ADAPTER_CONFIG).is_file():
-        return p, p / "model"
-    if (p / "config.json").is_file() or (p / ADAPTER_CONFIG).is_file():
-        run = p.parent if (p.parent / "metrics.jsonl").is_file() else None
-        return run, p
-    raise CheckpointError(f"{p} is neither a run directory (with model/) nor a model directory "
-                          "(with config.json or adapter_config.json)")
-
-
 def check_destination(src, out, force: bool = False) -> tuple[Path | None, Path, Path]:
-    """(run dir or None, checkpoint dir, OUT) for writing ``src`` to ``out``; refuses, before any
-    work, an OUT that is the source (or holds it) or that exists without ``force``."""
-    run, ckpt = locate_source(src)
+    """(run dir or None, checkpoint dir, OUT) for writing ``src`` to ``out`` (a run dir holds
+    model/; a checkpoint holds config.json or, a pure adapter, adapter_config.json); refuses,
+    before any work, an OUT that is the source (or holds it) or that exists without ``force``."""
+    run, ckpt = locate(src, adapters=True)
     out = Path(out)
     o, c = out.resolve(), ckpt.resolve()
     if o == c or o in c.parents or (run is not None and o == run.resolve()):
@@ -70,19 +61,15 @@ def _weights_view(ckpt: Path) -> Path:
 
 
 def load_merged(ckpt: Path, dtype: str = "auto", trust_remote_code: bool = False, say=None):
-    """The model to export, adapters merged. Returns (model, info about what was merged)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    """The model to export, adapters merged. Returns (model, info about what was merged).
+    ``dtype`` "auto" keeps the checkpoint's own dtype (the loader's "stored")."""
     say = say or (lambda m: None)
-    td = "auto" if dtype == "auto" else getattr(torch, dtype)
+    td = "stored" if dtype == "auto" else dtype
     adapter = find_adapter(ckpt)
     info = {"merged_adapter": None, "weights_from": str(ckpt)}
     if adapter is None:
-        weight_files(ckpt)  # clear errors for missing / pickle-only weights
-        model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=td, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
-        return model.eval(), info
+        # the loader checks the weights first: clear errors for missing / pickle-only ones
+        return load_model(ckpt, dtype=td, trust_remote_code=trust_remote_code), info
     try:
         from peft import PeftModel
     except ImportError as e:
@@ -98,8 +85,8 @@ def load_merged(ckpt: Path, dtype: str = "auto", trust_remote_code: bool = False
     try:
         weight_files(base_dir)
         say(f"merging adapter {adapter} into {base_dir}")
-        model = AutoModelForCausalLM.from_pretrained(str(view or base_dir), dtype=td, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+        model = load_model(view or base_dir, dtype=td, trust_remote_code=trust_remote_code,
+                           eval_mode=False, check_weights=False)  # checked above, under its own name
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     finally:
         if view is not None:

@@ -8,20 +8,19 @@ import shutil
 import time
 from pathlib import Path
 
-from llamapro.checkpoint import (
+from llamapro.artifacts import METADATA_VERSION, EvalResults, ExpansionMetadata, write_metadata
+from llamapro.errors import CheckpointError
+from llamapro.expand.families import num_layers_of
+from llamapro.publish.card import CARD_FILE, data_mixture, model_card
+from llamapro.publish.source import ADAPTER_FILES
+from llamapro.tensors import (
     METADATA_FILE,
-    METADATA_VERSION,
-    CheckpointError,
     atomic_dir,
     copy_side_files,
     fingerprint,
     read_config,
     weight_files,
-    write_metadata,
 )
-from llamapro.expand.families import num_layers_of
-from llamapro.publish.card import CARD_FILE, data_mixture, model_card
-from llamapro.publish.source import ADAPTER_FILES
 
 
 def write_standard_dir(model, out: Path, ckpt: Path, run: Path | None, meta: dict, info: dict,
@@ -33,6 +32,8 @@ def write_standard_dir(model, out: Path, ckpt: Path, run: Path | None, meta: dic
     ``llamapro.json`` (``kind``, lineage, ``extra_meta``) and the model card. ``extra_files``
     maps a file name in OUT to a file to copy there. Returns the export metadata."""
     say = say or (lambda m: None)
+    meta = ExpansionMetadata.of(meta) if meta else None
+    results = EvalResults.of(results)
     src_cfg_dtype = None
     if (ckpt / "config.json").is_file():
         cfg = read_config(ckpt)
@@ -49,7 +50,7 @@ def write_standard_dir(model, out: Path, ckpt: Path, run: Path | None, meta: dic
             shutil.copyfile(path, tmp / name)
         cfg = read_config(tmp)
         n = num_layers_of(cfg)
-        want = meta.get("num_layers")
+        want = meta.num_layers if meta else None
         if want is not None and n != want:
             raise CheckpointError(f"export config has {n} layers but the metadata records {want}")
         weight_files(tmp)
@@ -61,17 +62,17 @@ def write_standard_dir(model, out: Path, ckpt: Path, run: Path | None, meta: dic
             "merged_adapter": info["merged_adapter"], "side_files": copied,
             "shards": sorted(p.name for p in tmp.glob("*.safetensors")),
             "fingerprint": fingerprint(tmp),
-            "gate": ({k: results["gate"][k] for k in ("enabled", "passed", "summary")}
-                     if results and results.get("gate") else None),
+            "gate": ({k: results.gate[k] for k in ("enabled", "passed", "summary")}
+                     if results and results.gate else None),
         }
-        new_meta = dict(meta) if meta else {"version": METADATA_VERSION, "new_layer_indices": [],
-                                            "num_layers": n}
-        new_meta["kind"] = kind
-        new_meta["export"] = export_info
+        new_meta = ExpansionMetadata(meta if meta else {"version": METADATA_VERSION, "new_layer_indices": [],
+                                                        "num_layers": n})
+        new_meta.kind = kind
+        new_meta.export = export_info
         new_meta.update(extra_meta or {})
         write_metadata(tmp, new_meta)
         (tmp / CARD_FILE).write_text(model_card(new_meta, export_info, results,
-                                                data_mixture(meta, run), base_model, license,
+                                                data_mixture(meta or {}, run), base_model, license,
                                                 card_sections),
                                      encoding="utf-8")
     stale = sorted(p.name for p in out.parent.glob(f".{out.name}.tmp-*"))

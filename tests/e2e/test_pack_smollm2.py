@@ -30,7 +30,7 @@ def test_pack_apply_to_a_fresh_base_generates_like_the_export(tmp_path, capsys):
     from transformers import AutoTokenizer
 
     from llamapro.expand import api as steps
-    from llamapro.checkpoint import write_metadata
+    from llamapro.artifacts import write_metadata
     from llamapro.cli import main
     from llamapro.demo import ensure_demo_model
     from llamapro.publish.export import export

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llamapro.checkpoint import content_digest
+from llamapro.tensors import content_digest
 from llamapro.eval import check_gate, write_results
 from llamapro.config.eval import GateConfig
 from llamapro.publish.export import export

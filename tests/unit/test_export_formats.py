@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llamapro.expand import api as steps
-from llamapro.checkpoint import read_metadata, write_metadata
+from llamapro.artifacts import read_metadata, write_metadata
 from llamapro.publish.gguf import GGUFExportError, export_gguf, permute_qk
 from tests.tiny_models import _COMMON, FAMILY_CONFIGS
 from tests.unit.eval_support import eval_cli as _cli

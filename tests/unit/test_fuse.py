@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llamapro.checkpoint import content_digest, read_metadata, write_metadata
+from llamapro.artifacts import read_metadata, write_metadata
+from llamapro.tensors import content_digest
 from llamapro.cli import main
 from llamapro.config.eval import EvalConfig, GateConfig
 from llamapro.publish.fuse import CURVE_PNG, FuseError, NoAlphaPassesGate, choose_alpha, fuse

@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llamapro.expand import api as steps
-from llamapro.checkpoint import CheckpointError, content_digest, fingerprint, read_config, write_metadata
+from llamapro.artifacts import write_metadata
+from llamapro.errors import CheckpointError
+from llamapro.tensors import content_digest, fingerprint, read_config
 from llamapro.cli import main
 from llamapro.publish.pack import PackError, apply_packs, load_packs_into, make_pack, read_pack, strip_pack
 from tests.tiny_models import tiny_model

@@ -7,46 +7,47 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from llamapro.checkpoint import (
-    METADATA_VERSION,
-    atomic_dir,
-    config_digest,
-    fingerprint,
-    read_config,
-    require_metadata,
-    tensor_digest,
-    tensor_table,
-    write_metadata,
-    write_tensor_dir,
-)
+from llamapro.artifacts import METADATA_VERSION, ExpansionMetadata, require_metadata, write_metadata
 from llamapro.errors import PackError
 from llamapro.expand.api import resolve_local
 from llamapro.expand.families import num_layers_of
 from llamapro.expand.strategies import Placement
 from llamapro.publish.pack.compose import Composition, compose, table_of
 from llamapro.publish.pack.sources import Base, PackSource, read_base, read_pack, split_layers
+from llamapro.tensors import (
+    atomic_dir,
+    config_digest,
+    fingerprint,
+    read_config,
+    tensor_digest,
+    tensor_table,
+    write_tensor_dir,
+)
 
 
-def _meta_for(base: Base, comp: Composition, packs_note: dict | None = None) -> dict:
+def _meta_for(base: Base, comp: Composition, packs_note: dict | None = None) -> ExpansionMetadata:
+    """The ``llamapro.json`` of an applied model: the base, every pack's blocks as new layers, the
+    packs' records and the layout (where each layer came from)."""
     new = comp.all_new()
     pl = Placement(base.num_layers, tuple(new), "packs")
-    return {"version": METADATA_VERSION, "kind": "applied",
+    return ExpansionMetadata({"version": METADATA_VERSION, "kind": "applied",
             "base": {"path": base.path, "fingerprint": base.fingerprint,
                      "model_type": base.config.get("model_type"), "num_layers": base.num_layers,
                      "config": base.config},
             **pl.to_dict(), "zeroed_in_new_blocks": [], "config_keys_changed": [],
             "packs": comp.records, "layout": [list(t) for t in comp.layout],
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(packs_note or {})}
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(packs_note or {})})
 
 
 def prove_base(model_dir: Path, base: Base, meta: dict) -> dict:
     """With every pack block removed, the model at ``model_dir`` is the base: every remaining
     tensor equal byte for byte (full sha256 of both), the config the base's. Tensors equal and
     config equal is stronger than equal logits: the same code computes the same function."""
+    meta = ExpansionMetadata.of(meta)
     table = tensor_table(model_dir)
     n = num_layers_of(read_config(model_dir))
     prefix, layers, other = split_layers(table, n)
-    new = set(meta["new_layer_indices"])
+    new = set(meta.new_layer_indices)
     stripped = dict(other)
     for o, i in enumerate(i for i in range(n) if i not in new):
         stripped.update({f"{prefix}{o}.{rest}": t for rest, t in layers[i]})
@@ -55,7 +56,7 @@ def prove_base(model_dir: Path, base: Base, meta: dict) -> dict:
     bad += [k for k in sorted(set(stripped) & set(want))
             if (stripped[k].dtype, stripped[k].shape) != (want[k].dtype, want[k].shape)
             or tensor_digest(stripped[k]) != tensor_digest(want[k])]
-    cfg_ok = config_digest(meta["base"]["config"]) == config_digest(base.config)
+    cfg_ok = config_digest(meta.base.config) == config_digest(base.config)
     return {"ok": not bad and cfg_ok, "kind": "tensors", "reference": base.path,
             "statement": "with every pack's blocks skipped, each tensor equals the base's byte for byte "
                          f"({len(want)} tensors, {sum(t.nbytes for t in want.values()) / 1e6:.1f} MB compared) "
@@ -73,7 +74,7 @@ def _write_composed(base: Base, packs: list[PackSource], comp: Composition, out:
         write_tensor_dir(tmp, table_of(base, packs, comp.layout), comp.config, side_from,
                          progress=progress, desc="apply")
         if packs:
-            meta["verification"] = v = prove_base(tmp, base, meta)
+            meta.verification = v = prove_base(tmp, base, meta)
             if not v["ok"]:  # only if a file changed under us: never publish it
                 raise PackError(f"the written model minus its packs is not the base (tensors "
                                 f"{v['differing']}); nothing was published")
@@ -85,7 +86,7 @@ def _write_composed(base: Base, packs: list[PackSource], comp: Composition, out:
         fp = fingerprint(tmp)
     return {"out": str(out), "fingerprint": fp, "num_layers": len(comp.layout),
             "packs": [{k: r[k] for k in ("name", "mode", "positions")} for r in comp.records],
-            "verification": meta.get("verification") if packs else None,
+            "verification": meta.verification if packs else None,
             "equals_trained_model": meta.get("equals_trained_model"),
             "equals_base": fp == base.fingerprint}
 
@@ -118,10 +119,10 @@ def strip_pack(applied, out, pack: str, force: bool = False, progress: bool = Fa
     if Path(out).resolve() == src.resolve():
         raise PackError("OUT is the model being stripped; choose a new path")
     meta = require_metadata(src)
-    if meta.get("kind") != "applied" or not meta.get("packs"):
+    if meta.kind != "applied" or not meta.packs:
         raise PackError(f"{src} was not made by `llamapro apply` (no packs recorded); use `llamapro strip` "
                         "without --pack to remove all inserted blocks")
-    records = meta["packs"]
+    records = meta.packs
     names = [r["name"] for r in records]
     if pack in names:
         k = names.index(pack)
@@ -129,7 +130,7 @@ def strip_pack(applied, out, pack: str, force: bool = False, progress: bool = Fa
         k = int(pack)
     else:
         raise PackError(f"{src} has no pack {pack!r}; its packs, in stack order: {names}")
-    base_meta = meta["base"]
+    base_meta = meta.base
     config = read_config(src)
     n = num_layers_of(config)
     table = tensor_table(src)
@@ -138,7 +139,7 @@ def strip_pack(applied, out, pack: str, force: bool = False, progress: bool = Fa
     if len(layout) != n:
         raise PackError(f"{src}: llamapro.json records {len(layout)} layers, the config {n}")
     base_layers = {t[1]: layers[i] for i, t in enumerate(layout) if t[0] == "base"}
-    base = Base(base_meta["path"], base_meta["config"], base_meta["fingerprint"], prefix, base_layers, other)
+    base = Base(base_meta.path, base_meta.config, base_meta.fingerprint, prefix, base_layers, other)
     keep = [j for j in range(len(records)) if j != k]
     srcs = []
     for j in keep:

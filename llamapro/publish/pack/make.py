@@ -10,23 +10,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from llamapro.checkpoint import (
+from llamapro.artifacts import METADATA_FILE, BaseRecord, TrainingRecord, locate, require_metadata
+from llamapro.errors import PackError
+from llamapro.expand.families import num_layers_of
+from llamapro.publish.card import CARD_FILE, pack_card
+from llamapro.publish.pack.sources import BLOCKS_FILE, PACK_FILE, PACK_FORMAT, PACK_VERSION, split_layers
+from llamapro.publish.source import find_adapter, load_merged
+from llamapro.tensors import (
     atomic_dir,
     config_digest,
     fingerprint,
     fingerprint_of,
     read_config,
-    require_metadata,
     tensor_digest,
     tensor_table,
     write_json_atomic,
     write_tensor_file,
 )
-from llamapro.errors import PackError
-from llamapro.expand.families import num_layers_of
-from llamapro.publish.card import CARD_FILE, pack_card
-from llamapro.publish.pack.sources import BLOCKS_FILE, PACK_FILE, PACK_FORMAT, PACK_VERSION, split_layers
-from llamapro.publish.source import find_adapter, load_merged, locate_source
 
 
 def make_pack(src, out, force: bool = False, name: str | None = None, trust_remote_code: bool = False,
@@ -35,15 +35,15 @@ def make_pack(src, out, force: bool = False, name: str | None = None, trust_remo
     model as a pack. Refused when the original layers are not the base's (trained norms,
     embeddings, original_lr > 0, another dtype): the blocks alone would not give the model back."""
     say = say or (lambda m: None)
-    run, ckpt = locate_source(src)
+    run, ckpt = locate(src, adapters=True)
     out = Path(out)
     if out.resolve() in (ckpt.resolve(), *ckpt.resolve().parents):
         raise PackError(f"{out} is (or contains) the model being packed; choose another OUT")
     meta = require_metadata(ckpt)
-    new = sorted(int(i) for i in meta.get("new_layer_indices") or [])
-    base = meta.get("base") or {}
-    if not new or not base.get("fingerprint") or not isinstance(base.get("config"), dict):
-        raise PackError(f"{ckpt}: its {Path('llamapro.json')} records no inserted layers or no base "
+    new = sorted(int(i) for i in meta.new_layer_indices)
+    base = meta.base or BaseRecord()
+    if not new or not base.fingerprint or not isinstance(base.config, dict):
+        raise PackError(f"{ckpt}: its {METADATA_FILE} records no inserted layers or no base "
                         "(fingerprint and config): only a model made by `llamapro expand` (and trained) "
                         "can be packed")
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
@@ -61,23 +61,23 @@ def make_pack(src, out, force: bool = False, name: str | None = None, trust_remo
             weights = merged_dir
         config = read_config(weights)
         n = num_layers_of(config)
-        if n != meta.get("num_layers"):
-            raise PackError(f"{ckpt}: config has {n} layers but llamapro.json records {meta.get('num_layers')}")
+        if n != meta.num_layers:
+            raise PackError(f"{ckpt}: config has {n} layers but llamapro.json records {meta.num_layers}")
         table = tensor_table(weights)
         prefix, layers, other = split_layers(table, n)
         keep = [i for i in range(n) if i not in set(new)]
         stripped = dict(other)
         for o, i in enumerate(keep):
             stripped.update({f"{prefix}{o}.{rest}": t for rest, t in layers[i]})
-        if fingerprint_of(base["config"], stripped) != base["fingerprint"]:
+        if fingerprint_of(base.config, stripped) != base.fingerprint:
             raise PackError(
                 f"{ckpt}: without its inserted layers {new} it is not its base (fingerprint "
-                f"{base['fingerprint']}): the original layers, norms, embeddings, config or dtype "
+                f"{base.fingerprint}): the original layers, norms, embeddings, config or dtype "
                 "changed in training. The blocks alone would not give this model back; ship the fused "
                 "model (`llamapro export`) instead, or train with the originals frozen "
                 "(train.original_lr 0, no train_norms/train_embeddings/train_lm_head).")
         blocks = [(f"{prefix}{i}.{rest}", t) for i in new for rest, t in layers[i]]
-        training = meta.get("training") or {}
+        training = meta.training or TrainingRecord()
         with atomic_dir(out, force=force) as tmp:
             nbytes = write_tensor_file(tmp / BLOCKS_FILE, blocks, {"format": "pt"})
             h = hashlib.sha256()
@@ -88,9 +88,8 @@ def make_pack(src, out, force: bool = False, name: str | None = None, trust_remo
                 "name": name or out.name,
                 "id": "sha256:" + h.hexdigest(),
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "base": {"fingerprint": base["fingerprint"], "config_digest": config_digest(base["config"]),
-                         "model_type": base.get("model_type"), "num_layers": base.get("num_layers"),
-                         "path": base.get("path")},
+                "base": {"fingerprint": base.fingerprint, "config_digest": config_digest(base.config),
+                         "model_type": base.model_type, "num_layers": base.num_layers, "path": base.path},
                 "layers_prefix": prefix,
                 "num_layers": n,
                 "positions": new,
@@ -99,13 +98,13 @@ def make_pack(src, out, force: bool = False, name: str | None = None, trust_remo
                 "trained": {"fingerprint": fingerprint(weights), "path": str(ckpt.resolve()),
                             "run": str(run.resolve()) if run else None},
                 "lineage": {
-                    "kind": meta.get("kind"), "strategy": meta.get("strategy"),
+                    "kind": meta.kind, "strategy": meta.strategy,
                     "generation": meta.get("generation", 1), "generations": meta.get("generations"),
                     "training": {k: training.get(k) for k in ("mode", "steps", "tokens", "originals_frozen",
                                                               "best_eval_loss", "trained_from")} or None,
-                    "data": (training.get("config") or {}).get("data") if training else None,
+                    "data": (training.config or {}).get("data") if training else None,
                     "merged_adapter": str(adapter) if adapter else None,
-                    "verification_ok": (meta.get("verification") or {}).get("ok"),
+                    "verification_ok": (meta.verification or {}).get("ok"),
                 },
                 "blocks": {"file": BLOCKS_FILE, "tensors": len(blocks), "bytes": nbytes},
             }
@@ -115,4 +114,4 @@ def make_pack(src, out, force: bool = False, name: str | None = None, trust_remo
         if merged_dir is not None:
             shutil.rmtree(merged_dir, ignore_errors=True)
     return {"out": str(out), **{k: info[k] for k in ("name", "id", "positions", "num_layers", "blocks")},
-            "base_fingerprint": base["fingerprint"]}
+            "base_fingerprint": base.fingerprint}

@@ -8,9 +8,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamapro.checkpoint import TensorInfo, fingerprint, read_config, read_header, tensor_table
 from llamapro.errors import PackError
 from llamapro.expand.families import layers_prefix, num_layers_of, split_layer_key
+from llamapro.tensors import TensorInfo, fingerprint, read_config, read_header, tensor_table
 
 PACK_FILE = "pack.json"
 BLOCKS_FILE = "blocks.safetensors"
