@@ -37,10 +37,11 @@ def test_key_and_limits_are_enforced_in_front(monkeypatch):
     monkeypatch.setenv("H3_TEST_KEY", "s3cret")
     lim = Limits(max_tokens=32, max_prompt_chars=10)
     _check_request(Body(), _request("Bearer s3cret"), "H3_TEST_KEY", lim)
+    long_prompt = Body(messages=[{"content": "x" * 11}])
     for req, body, code, msg in [(_request(), Body(), 401, "API key"),
                                  (_request("Bearer nope"), Body(), 401, "API key"),
                                  (_request("Bearer s3cret"), Body(max_tokens=64), 400, "max_tokens 64"),
-                                 (_request("Bearer s3cret"), Body(messages=[{"content": "x" * 11}]), 400, "11 characters")]:
+                                 (_request("Bearer s3cret"), long_prompt, 400, "11 characters")]:
         with pytest.raises(HTTPException) as e:
             _check_request(body, req, "H3_TEST_KEY", lim)
         assert e.value.status_code == code and msg in e.value.detail
