@@ -3,9 +3,10 @@ formats (GGUF, torchao, GPTQ/AWQ), the fused model (``fuse``, with a fusion stre
 regression gate), expansion packs (``pack`` / ``apply`` / ``strip --pack``), and the model card
 each of them carries.
 
-Files: ``source`` (a run or checkpoint checked against OUT, its model loaded, adapters merged), ``standard_dir`` (write a loaded
-model as a standard directory), ``card`` (every model card), ``export`` (``llamapro export`` and
-its formats), ``gguf`` / ``gguf_pretok``, ``quant``, ``fuse``, and the ``pack`` package.
+Files: ``source`` (a run or checkpoint checked against OUT, its model loaded, adapters merged),
+``standard_dir`` (write a loaded model as a standard directory), ``card`` (every model card),
+``export`` (``llamapro export`` and its formats), ``gguf`` / ``gguf_pretok``, ``quant``, ``fuse``,
+and the ``pack`` package.
 """
 
 from llamapro.errors import FuseError, GGUFExportError, NoAlphaPassesGate, PackError, QuantExportError

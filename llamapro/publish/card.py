@@ -84,7 +84,8 @@ def model_card(meta: dict, export_info: dict, results: dict | None, mixture: lis
           f"| base model | {hub or base.get('path', '?')} |",
           f"| base path when trained | `{base.get('path', '?')}` |",
           f"| base fingerprint | `{base.get('fingerprint', '?')}` |",
-          f"| layers | {meta.get('num_original_layers', '?')} original + {n_new} inserted = {meta.get('num_layers', '?')} |",
+          f"| layers | {meta.get('num_original_layers', '?')} original + {n_new} inserted = "
+          f"{meta.get('num_layers', '?')} |",
           f"| inserted positions | {meta.new_layer_indices} |",
           f"| each copied from original layer | {meta.new_layer_sources} |",
           f"| strategy | {meta.get('strategy', '?')} |",

@@ -161,7 +161,7 @@ def identity_reference(model, meta: dict, placement: Placement, base_model=None)
     from the model's own original layers (valid when they were frozen)."""
     import torch
 
-    from llamapro.expand.surgery import expand_model, find_layers
+    from llamapro.expand.surgery import expand_model, find_layers  # downward; local: surgery imports torch
 
     family = _family(meta, model.config.model_type)
     params = dict(model.named_parameters())

@@ -46,6 +46,7 @@ def load_packs_into(model, base_dir, packs) -> PackedModel:
     the per-pack layer lists a caller needs to select a pack per request."""
     from safetensors import safe_open
 
+    # downward; local because surgery imports torch
     from llamapro.expand.surgery import _set_module, _sync_sub_configs, find_layers, renumber_layers
 
     base = read_base(base_dir)
