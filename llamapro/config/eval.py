@@ -11,18 +11,16 @@
       battery: {enabled: true, limit: 200}    # knowledge battery (PIQA, SIQA, OpenBookQA, CSQA)
 
 A failed gate makes ``llamapro eval`` (and ``jobs/eval.py``) exit with code 4 and one plain
-sentence saying which threshold was missed; see :data:`EXIT_GATE_FAILED`.
+sentence saying which threshold was missed (:data:`llamapro.errors.EXIT_GATE_FAILED`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llamapro.errors import ConfigError
-
-EXIT_GATE_FAILED = 4
-"""Exit code of `llamapro eval` / `jobs/eval.py` when the regression gate fails (0 ok, 1 unexpected
-error, 2 bad input, 3 identity proof failed, 4 regression gate failed)."""
+# EXIT_GATE_FAILED (4): the exit code of `llamapro eval` / `jobs/eval.py` when the regression gate
+# fails; defined with every other exit code in llamapro.errors, importable here as before
+from llamapro.errors import EXIT_GATE_FAILED, ConfigError  # noqa: F401
 
 BASE_MODES = ("auto", "skip", "path")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -199,7 +197,9 @@ class EvalConfig:
     output_dir: str = ""
     """Where results.json goes. Empty: <run dir>/eval."""
     report: bool = True
-    """Build the Markdown/HTML report with plots after evaluating (<run dir>/report)."""
+    """Build the Markdown/HTML report with plots after evaluating (<run dir>/report). The eval step
+    (``llamapro eval``, :func:`llamapro.report.evaluate_and_report`) reads it; the library's
+    :func:`llamapro.eval.run_eval` evaluates only."""
     gate: GateConfig = field(default_factory=GateConfig)
     battery: BatteryConfig = field(default_factory=BatteryConfig)
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)

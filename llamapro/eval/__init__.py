@@ -57,8 +57,6 @@ from llamapro.eval.results import (
 )
 from llamapro.eval.run import eval_paths, evaluate_checkpoint, run_eval
 
-_as_blocks = as_blocks  # the name llamapro.publish.fuse imports
-
 __all__ = [
     "EvalError", "LmEvalUnavailable", "BasePair", "resolve_base", "rollback_check", "NOT_SCORED",
     "battery_checks", "check_gate", "retention_label", "lm_eval_available", "require_lm_eval",

@@ -28,8 +28,6 @@ from llamapro.report.plots import (
 from llamapro.report.render import md_table, render_html, render_markdown, strip_verdict
 from llamapro.report.sections import battery_section, curve_table, report_sections, rollback_sentence
 
-_strip_verdict = strip_verdict  # the name llamapro.publish.export imports
-
 __all__ = [
     "build_report", "evaluate_and_report", "layer_table", "read_events", "summarize",
     "plot_alpha_curve", "plot_greedy", "plot_loss", "plot_perplexity", "plot_stack",

@@ -163,7 +163,8 @@ def summary_section(ckpt: Path | None, meta: ExpansionMetadata | None, results: 
         rows.append(["resumed after failure", f"{summ['resumes']} time(s)"])
     if results:
         rows.append(["evaluation", f"{results.get('eval_seconds', 0):,.1f} s on {results.get('device', '?')} "
-                                   f"({results.get('dtype', '?')}), peak memory {_bytes(results.get('eval_peak_rss_bytes'))}"])
+                                   f"({results.get('dtype', '?')}), "
+                                   f"peak memory {_bytes(results.get('eval_peak_rss_bytes'))}"])
         rows.append(["compared against", results.base.get("why", "?")])
     return [("h2", "Summary"), ("table", ["", ""], rows)]
 

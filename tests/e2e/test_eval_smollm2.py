@@ -92,7 +92,7 @@ def _png_ok(p: Path):
 
 
 def test_eval_report_export_rollback(trained, capsys):
-    from llamapro.checkpoint import content_digest
+    from llamapro.tensors import content_digest
     from llamapro.expand.api import strip
 
     root, base = trained

@@ -47,10 +47,10 @@ def test_compare_tiny_runs_table_plot_verdicts_and_resume(tmp_path, capsys):
     # held-out arrays are given per run through the eval CLI's --heldout; compare evaluates
     # from the config, so first evaluate each run with the arrays, then compare reuses them
     from llamapro.eval.compare import eval_digest
-    from llamapro.cli.eval import load
+    from llamapro.config import load_config
     from llamapro.eval import run_eval, write_results
 
-    c = load(str(cfg), [])
+    c = load_config(str(cfg), [])
     c.eval.report = False
     for run in runs.values():
         res = run_eval(c, run_dir=str(run), heldout=arrays)

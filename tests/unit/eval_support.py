@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llamapro.artifacts import read_metadata, write_metadata
 from llamapro.expand import api as steps
-from llamapro.checkpoint import copy_side_files, read_metadata, write_metadata
+from llamapro.tensors import copy_side_files
 from tests.tiny_models import tiny_model
 
 SEQ = 24

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from llamapro.config import ConfigError
-from llamapro.cli.eval import load
-from llamapro.config.eval import EXIT_GATE_FAILED, EvalConfig, GateConfig, LmEvalConfig
+from llamapro.config import ConfigError, load_config
+from llamapro.config.eval import EvalConfig, GateConfig, LmEvalConfig
+from llamapro.errors import EXIT_GATE_FAILED
 from llamapro.eval import (
     EvalError,
     LmEvalUnavailable,
@@ -98,11 +98,11 @@ def test_config_validation_names_the_key(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("eval:\n  gate:\n    max_retention_ppl_increse: 0.01\n")
     with pytest.raises(ConfigError, match=r"eval\.gate\.max_retention_ppl_increse"):
-        load(p, [])
+        load_config(p, [])
 
 
 def test_shipped_eval_config_and_prompts_load():
-    cfg = load(REPO / "jobs" / "configs" / "eval_demo.yaml", [])
+    cfg = load_config(REPO / "jobs" / "configs" / "eval_demo.yaml", [])
     assert cfg.eval.gate.retention_sets and cfg.eval.gate.domain_sets
     assert set(cfg.eval.set_names()) <= set(cfg.data.source_names())
     first = (REPO / "jobs" / "configs" / "eval_demo.yaml").read_text().splitlines()[:6]
@@ -223,6 +223,17 @@ def test_cli_gate_exit_codes(runs, capsys):
     # --no-gate: evaluate and report, never 4
     assert _cli(_eval_argv(root, bad, "--no-gate")) == 0
     capsys.readouterr()
+
+
+def test_cli_eval_writes_the_report_after_the_results(runs, capsys):
+    """The report is drawn one layer above eval (llamapro.report.evaluate_and_report): `llamapro
+    eval` without --no-report writes it beside the results and records its path in them."""
+    root, same, _ = runs
+    assert _cli([a for a in _eval_argv(root, same) if a != "--no-report"]) == 0
+    page = same / "report" / "report.html"
+    assert page.is_file() and 'src="perplexity.png"' in page.read_text()
+    assert json.loads((same / "eval" / "results.json").read_text())["report"] == str(page)
+    assert f"report      {page}" in capsys.readouterr().out
 
 
 def test_cli_bad_input_exit_2(runs, capsys):
