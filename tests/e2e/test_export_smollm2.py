@@ -35,8 +35,9 @@ def test_f16_gguf_logits_match_and_it_chats(demo, tmp_path):
     assert res["tokenizer_pre"] == "smollm" and res["chat_template"] and res["tied_embeddings"]
     gtok, m = _load(tmp_path / "f16", res)
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    gids = gtok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    kw = dict(add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(msgs, **kw)["input_ids"]
+    gids = gtok.apply_chat_template(msgs, **kw)["input_ids"]
     assert torch.equal(ids, gids)
     rounded = type(ref)(ref.config).eval()
     rounded.load_state_dict({k: v.to(torch.float16).float() for k, v in ref.state_dict().items()})

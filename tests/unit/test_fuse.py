@@ -220,8 +220,8 @@ def _ec(**gate) -> EvalConfig:
 def test_auto_picks_the_largest_domain_gain_that_passes_the_gate(runs):
     root, run, _ = runs
     held = _heldout(root, run)
-    loose = fuse(run, root / "auto-loose", "weighted", "auto", heldout=held, eval_cfg=_ec(max_retention_ppl_increase=10.0),
-                 report=False)["fusion"]
+    loose = fuse(run, root / "auto-loose", "weighted", "auto", heldout=held,
+                 eval_cfg=_ec(max_retention_ppl_increase=10.0), report=False)["fusion"]
     curve = loose["curve"]
     assert [p["alpha"] for p in curve] == [0.0, 0.25, 0.5, 0.75, 1.0] and loose["alpha"] == 1.0
     ret = [p["sets"]["retention"]["ppl_change"] for p in curve]
@@ -240,7 +240,8 @@ def test_auto_picks_the_largest_domain_gain_that_passes_the_gate(runs):
     # the fused model is the alpha-0.5 point of the grid
     assert all(torch.equal(v, _tensors(runs[2][0.5])[k]) for k, v in _tensors(root / "auto-cut").items())
     card = (root / "auto-cut" / "README.md").read_text()
-    assert "| 0.5 (chosen) |" in card and "| 1 | " in card and "FAIL" in card and f"![perplexity against alpha]({CURVE_PNG})" in card
+    assert ("| 0.5 (chosen) |" in card and "| 1 | " in card and "FAIL" in card
+            and f"![perplexity against alpha]({CURVE_PNG})" in card)
     assert "**Regression gate: passed.**" in card  # the card evaluates *this* model (alpha 0.5)
     assert_real_png(root / "auto-cut" / CURVE_PNG)
     # the run's report shows the curve
@@ -261,8 +262,10 @@ def _pt(alpha, gain, passed):
 
 def test_choose_alpha_on_constructed_curves():
     assert choose_alpha([_pt(0, 0, True), _pt(0.5, 0.1, True), _pt(1, 0.2, False)])["alpha"] == 0.5
-    assert choose_alpha([_pt(0, 0, True), _pt(0.5, 0.3, True), _pt(1, 0.2, True)])["alpha"] == 0.5  # not the largest alpha
-    assert choose_alpha([_pt(0, 0, True), _pt(0.5, 0.2, True), _pt(1, 0.2, True)])["alpha"] == 0.5  # tie: nearer the base
+    # not the largest alpha
+    assert choose_alpha([_pt(0, 0, True), _pt(0.5, 0.3, True), _pt(1, 0.2, True)])["alpha"] == 0.5
+    # tie: nearer the base
+    assert choose_alpha([_pt(0, 0, True), _pt(0.5, 0.2, True), _pt(1, 0.2, True)])["alpha"] == 0.5
     assert choose_alpha([_pt(0, 0, True), _pt(0.5, -0.1, True)])["alpha"] == 0  # no gain: the base
     with pytest.raises(NoAlphaPassesGate):
         choose_alpha([_pt(0, 0, False), _pt(1, 0.2, False)])
