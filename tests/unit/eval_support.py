@@ -64,7 +64,7 @@ def make_run(root: Path, name: str = "run", perturb: float = 0.0, seed: int = 1,
              metrics: bool = True, chat: bool = False) -> Path:
     """RUN/model (kind trained, originals frozen) + RUN/metrics.jsonl. ``perturb`` is the std of
     noise added to every parameter of the inserted blocks (0: still exactly the base)."""
-    from transformers import AutoModelForCausalLM
+    from llamapro.loading import load_model
 
     exp = expanded(root, chat)
     run = root / name
@@ -72,7 +72,7 @@ def make_run(root: Path, name: str = "run", perturb: float = 0.0, seed: int = 1,
         shutil.rmtree(run)
     (run / "model").mkdir(parents=True)
     meta = read_metadata(exp)
-    model = AutoModelForCausalLM.from_pretrained(exp, dtype=torch.float32)
+    model = load_model(exp, dtype="float32", eval_mode=False)
     g = torch.Generator().manual_seed(seed)
     if perturb:
         with torch.no_grad():
@@ -122,11 +122,10 @@ def greedy_blocks(model_dir: Path, n: int = 4, seed: int = 0, skip=None) -> dict
     """Blocks the model at ``model_dir`` itself would write (its greedy continuations of random
     starts): it scores them well, and any other model scores them worse. With ``skip`` the
     given layers are skipped (the base of an expanded model)."""
-    from transformers import AutoModelForCausalLM
-
     from llamapro.expand.surgery import skip_layers
+    from llamapro.loading import load_model
 
-    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    m = load_model(model_dir, dtype="float32")
     g = torch.Generator().manual_seed(seed)
     start = torch.randint(3, 128, (n, 4), generator=g)
     with torch.no_grad():

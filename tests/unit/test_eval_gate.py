@@ -146,10 +146,10 @@ def runs(tmp_path_factory):
 
 
 def test_heldout_loss_is_masked_next_token_ce(runs):
-    from transformers import AutoModelForCausalLM
+    from llamapro.loading import load_model
 
     _, same, _ = runs
-    model = AutoModelForCausalLM.from_pretrained(same / "model", dtype=torch.float32).eval()
+    model = load_model(same / "model", dtype="float32")
     b = counting_blocks(3, seed=5)
     got = heldout_loss(model, b, batch_size=2)
     with torch.no_grad():
