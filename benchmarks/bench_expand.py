@@ -264,7 +264,8 @@ def child(mode: str, base: str, out: str, blocks: int) -> None:
         return wrapper
 
     t = time.perf_counter()
-    import llamapro.checkpoint as ck
+    import llamapro.expand.streaming as ck
+    import llamapro.tensors as tensors_io
     import llamapro.expand.api as steps
     phases["import llamapro"] = time.perf_counter() - t
     if not mode.startswith("stream"):  # `llamapro expand` imports these in the structure-check child,
@@ -274,10 +275,10 @@ def child(mode: str, base: str, out: str, blocks: int) -> None:
         phases["import torch+transformers"] = time.perf_counter() - t
 
     if mode.startswith("stream"):
-        for name, key in [("fingerprint", "fingerprint"), ("_copy_range", "copy_file_range"),
-                          ("_write_zeros", "write zeros"), ("_fsync_dir_files", "fsync"),
-                          ("check_new_blocks_zero", "zero read-back")]:
-            setattr(ck, name, timed(key, getattr(ck, name)))
+        for mod, name, key in [(ck, "fingerprint", "fingerprint"), (ck, "copy_range", "copy_file_range"),
+                               (ck, "write_zeros", "write zeros"), (tensors_io, "_fsync_dir_files", "fsync"),
+                               (ck, "check_new_blocks_zero", "zero read-back")]:
+            setattr(mod, name, timed(key, getattr(mod, name)))
         steps.check_structure_isolated = timed("structure check (meta device, child process)",
                                                steps.check_structure_isolated)
         t = time.perf_counter()

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from llamapro.errors import UnsupportedModelError  # noqa: F401  (raised here; old import path)
 from llamapro.expand.strategies import Placement
-from llamapro.errors import UnsupportedModelError  # noqa: F401
 
 _LLAMA_LIKE = ("self_attn.o_proj", "mlp.down_proj")
 
@@ -282,13 +282,3 @@ def plan_keys(keys, placement: Placement, family: Family) -> list[KeyPlan]:
         for k, rest in by_layer[s]:
             out.append(KeyPlan(f"{prefix}{j}.{rest}", k, rest in zero, j))
     return out
-
-
-@dataclass
-class ExpansionRecord:
-    """What the metadata file records about an expansion."""
-
-    placement: dict
-    family: str
-    zeroed: list[str] = field(default_factory=list)
-    config_keys_changed: list[str] = field(default_factory=list)

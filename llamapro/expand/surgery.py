@@ -1,6 +1,6 @@
 """Block expansion on a loaded model (module surgery), and the numerical proof of identity.
 
-The streaming path in :mod:`llamapro.checkpoint` does the same on disk without loading the
+The streaming path in :mod:`llamapro.expand.streaming` does the same on disk without loading the
 model; a test holds the two to byte-identical tensors. Imports torch, never ray or deepspeed.
 """
 
@@ -12,14 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llamapro.expand.families import (
-    Family,
-    UnsupportedModelError,
-    expand_config,
-    family_for,
-    strip_config,
-    writer_param_names,
-)
+from llamapro.errors import UnsupportedModelError
+from llamapro.expand.families import Family, expand_config, family_for, writer_param_names
 from llamapro.expand.strategies import Placement
 
 
@@ -110,25 +104,6 @@ def _sync_sub_configs(model: nn.Module, cfg) -> None:
         if mod is not model and getattr(mod, "config", None) is not None and mod.config is not cfg:
             if getattr(mod.config, "num_hidden_layers", None) is not None:
                 mod.config.num_hidden_layers = cfg.num_hidden_layers
-
-
-def strip_model(model: nn.Module, new_indices, base_config: dict | None = None) -> nn.Module:
-    """Remove the new blocks in place: the result computes what the base computed."""
-    path, layers = find_layers(model)
-    drop = set(int(i) for i in new_indices)
-    bad = [i for i in drop if i < 0 or i >= len(layers)]
-    if bad:
-        raise ValueError(f"new-layer indices {bad} out of range for {len(layers)} layers")
-    kept = nn.ModuleList([l for i, l in enumerate(layers) if i not in drop])
-    renumber_layers(kept)
-    new_cfg = strip_config(model.config.to_dict(), base_config, sorted(drop))
-    _set_module(model, path, kept)
-    for key in ("num_hidden_layers", "n_layer", "layer_types", "no_rope_layers", "mlp_only_layers",
-                "decoder_sparse_step"):
-        if key in new_cfg:
-            setattr(model.config, key, new_cfg[key])
-    _sync_sub_configs(model, model.config)
-    return model
 
 
 class skip_layers:

@@ -73,7 +73,7 @@ print(json.dumps(out))
 
 
 def test_strip_gives_back_the_base(expanded, demo_base, tmp_path):
-    from llamapro.checkpoint import content_digest
+    from llamapro.tensors import content_digest
 
     r = subprocess.run([sys.executable, "-m", "llamapro.cli", "strip", str(expanded),
                         str(tmp_path / "restored"), "-q"], capture_output=True, text=True)

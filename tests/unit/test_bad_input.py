@@ -6,7 +6,8 @@ import os
 import pytest
 
 from llamapro.expand import api as steps
-from llamapro.checkpoint import CheckpointError, atomic_dir, content_digest
+from llamapro.errors import CheckpointError
+from llamapro.tensors import atomic_dir, content_digest
 from llamapro.expand.families import UnsupportedModelError
 from llamapro.expand.strategies import PlacementError
 from tests.tiny_models import tiny_model

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from llamapro.expand import api as steps
-from llamapro.checkpoint import METADATA_FILE, content_digest, fingerprint
+from llamapro.expand import structure
+from llamapro.tensors import METADATA_FILE, content_digest, fingerprint
 from llamapro.expand.surgery import check_identity, expand_model, find_layers, skip_layers
 from llamapro.expand.strategies import plan
 from tests.tiny_models import FAMILY_CONFIGS, REQUIRED_FAMILIES, tiny_model
@@ -148,17 +149,20 @@ def test_structure_check_in_a_child_process(monkeypatch, tmp_path):
 
     new, _ = expand_config(base, p)
     sources = {str(k): v for k, v in p.new_sources().items()}
-    assert steps.check_structure_isolated(base, new, sources, isolate=True) == {
+    assert structure.check_structure_isolated(base, new, sources, isolate=True) == {
         "layers_checked": 6, "ok": True, "cached": False}
     wrong = {**new, "intermediate_size": new["intermediate_size"] * 2}  # every layer's MLP changes
     with pytest.raises(steps.CheckpointError, match="would not have the structure of base layer"):
-        steps.check_structure_isolated(base, wrong, sources, isolate=True)
+        structure.check_structure_isolated(base, wrong, sources, isolate=True)
     with pytest.raises(steps.CheckpointError, match="could not build the model"):
-        steps.check_structure_isolated(base, {**new, "model_type": "no-such-model"}, sources, isolate=True)
+        structure.check_structure_isolated(base, {**new, "model_type": "no-such-model"}, sources, isolate=True)
 
 
 def test_zero_check_catches_a_nonzero_byte_in_a_new_block(tmp_path):
-    from llamapro.checkpoint import CheckpointError, check_new_blocks_zero, read_metadata, tensor_table
+    from llamapro.artifacts import read_metadata
+    from llamapro.errors import CheckpointError
+    from llamapro.expand.streaming import check_new_blocks_zero
+    from llamapro.tensors import tensor_table
 
     tiny_model("llama", num_layers=2).save_pretrained(tmp_path / "base")
     meta = steps.expand(str(tmp_path / "base"), str(tmp_path / "out"), blocks=1, strategy="top",
@@ -178,7 +182,7 @@ def test_zero_check_catches_a_nonzero_byte_in_a_new_block(tmp_path):
 def test_data_ranges_skip_holes(tmp_path):
     import os
 
-    from llamapro.checkpoint import _data_ranges
+    from llamapro.expand.streaming import _data_ranges
 
     f = tmp_path / "sparse"
     with open(f, "wb") as fh:
@@ -210,38 +214,38 @@ def _structure_inputs(layers=4, blocks=2, strategy="even"):
 def test_a_passed_structure_check_is_remembered_under_everything_it_depends_on(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMAPRO_CACHE", str(tmp_path))
     base, new, sources = _structure_inputs()
-    first = steps.check_structure_isolated(base, new, sources)
+    first = structure.check_structure_isolated(base, new, sources)
     assert first == {"layers_checked": 6, "ok": True, "cached": False}
     entries = list((tmp_path / "structure").glob("*.json"))
     assert len(entries) == 1
 
     calls = []
-    real = steps._check_structure_somewhere
-    monkeypatch.setattr(steps, "_check_structure_somewhere", lambda *a: calls.append(a) or real(*a))
-    assert steps.check_structure_isolated(base, new, sources) == {**first, "cached": True}
+    real = structure._check_structure_somewhere
+    monkeypatch.setattr(structure, "_check_structure_somewhere", lambda *a: calls.append(a) or real(*a))
+    assert structure.check_structure_isolated(base, new, sources) == {**first, "cached": True}
     assert calls == []  # answered from the cache: no transformers, no child
 
     # anything the answer depends on misses: other sources, another config, remote code
     b2, n2, s2 = _structure_inputs(strategy="top")
-    assert steps.check_structure_isolated(b2, n2, s2)["cached"] is False and len(calls) == 1
-    steps.check_structure_isolated(base, {**new, "rms_norm_eps": 1e-3}, sources)
+    assert structure.check_structure_isolated(b2, n2, s2)["cached"] is False and len(calls) == 1
+    structure.check_structure_isolated(base, {**new, "rms_norm_eps": 1e-3}, sources)
     assert len(calls) == 2
-    assert steps._structure_cache_file(base, new, sources, trust_remote_code=True) is None
+    assert structure._structure_cache_file(base, new, sources, trust_remote_code=True) is None
 
     # a failure is never remembered
     wrong = {**new, "intermediate_size": new["intermediate_size"] * 2}
     for _ in range(2):
         with pytest.raises(steps.CheckpointError, match="would not have the structure"):
-            steps.check_structure_isolated(base, wrong, sources)
+            structure.check_structure_isolated(base, wrong, sources)
     assert len(calls) == 4
 
     # a corrupt entry is ignored, checked again and rewritten
     entries[0].write_text("{not json")
-    assert steps.check_structure_isolated(base, new, sources)["cached"] is False
-    assert steps.check_structure_isolated(base, new, sources)["cached"] is True
+    assert structure.check_structure_isolated(base, new, sources)["cached"] is False
+    assert structure.check_structure_isolated(base, new, sources)["cached"] is True
 
     monkeypatch.setenv("LLAMAPRO_STRUCTURE_CACHE", "0")
-    assert steps.check_structure_isolated(base, new, sources)["cached"] is False
+    assert structure.check_structure_isolated(base, new, sources)["cached"] is False
 
 
 def test_structure_cache_key_follows_the_transformers_code(monkeypatch, tmp_path):
@@ -258,8 +262,8 @@ def test_structure_cache_key_follows_the_transformers_code(monkeypatch, tmp_path
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: types.SimpleNamespace(
         submodule_search_locations=[str(pkg)]) if name == "transformers" else real_find(name, *a))
     base, new, sources = _structure_inputs()
-    k1 = steps._structure_cache_file(base, new, sources, False)
-    assert k1 == steps._structure_cache_file(base, new, sources, False)
+    k1 = structure._structure_cache_file(base, new, sources, False)
+    assert k1 == structure._structure_cache_file(base, new, sources, False)
     modeling.write_text("# v2, other layer rules\n")
     os.utime(modeling, ns=(1, 2))
-    assert steps._structure_cache_file(base, new, sources, False) != k1
+    assert structure._structure_cache_file(base, new, sources, False) != k1

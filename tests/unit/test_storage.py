@@ -241,7 +241,7 @@ def test_download_refuses_a_directory_without_a_complete_manifest(tmp_path, cach
     with pytest.raises(storage.IncompleteUploadError, match="no .llamapro-manifest.json.*upload it again"):
         storage.download(f"file://{foreign}", tmp_path / "f")
     assert _bytes_tree(Path(storage.localize(f"file://{foreign}"))) == _bytes_tree(foreign)
-    from llamapro.checkpoint import CheckpointError
+    from llamapro.errors import CheckpointError
 
     assert issubclass(storage.IncompleteUploadError, CheckpointError)  # the CLI's exit 2
 
