@@ -3,31 +3,22 @@ facts derived from them and the checkpoint's metadata (training summary, the lay
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
-from llamapro.artifacts import ExpansionMetadata, TrainingRecord
+from llamapro.artifacts import ExpansionMetadata, RunLayout, TrainingRecord
+from llamapro.jsonl import read_records
 
 
 def read_events(run_dir) -> list[dict]:
-    """Events of ``metrics.jsonl`` (unreadable lines skipped; a resumed run's repeated steps are
-    kept once, the last one)."""
-    p = Path(run_dir) / "metrics.jsonl"
-    if not p.is_file():
-        return []
-    out = []
-    for line in p.read_text().splitlines():
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(e, dict) and "event" in e:
-            out.append(e)
-    return out
+    """The training events of ``RUN/metrics.jsonl`` (records with an ``event``; unreadable lines
+    skipped); [] when there is none."""
+    return [e for e in read_records(RunLayout(run_dir).metrics) if "event" in e]
 
 
 def step_events(events, kind="step") -> list[dict]:
+    """The events of one kind (``step``, ``eval``) in step order; a resumed run's repeated steps
+    are kept once, the last one."""
     by = {}
     for e in events:
         if e.get("event") == kind and "step" in e:
@@ -36,9 +27,12 @@ def step_events(events, kind="step") -> list[dict]:
 
 
 def locate_run(run_dir: Path) -> tuple[Path, Path | None]:
-    """(run dir, checkpoint dir or None)."""
-    if (run_dir / "model" / "config.json").is_file():
-        return run_dir, run_dir / "model"
+    """(the directory to report on, its checkpoint or None). Unlike :func:`llamapro.artifacts.locate`
+    a bare checkpoint is its own home (its events, results and report beside it) and a directory
+    without a model is still reported on (everything "not recorded")."""
+    layout = RunLayout(run_dir)
+    if (layout.model / "config.json").is_file():
+        return run_dir, layout.model
     if (run_dir / "config.json").is_file():
         return run_dir, run_dir
     return run_dir, None
