@@ -1,5 +1,6 @@
-"""The evaluation of one checkpoint against its base (:func:`evaluate_checkpoint`) and the eval step
-from a config (:func:`run_eval`): what ``llamapro eval`` and ``jobs/eval.py`` call."""
+"""The evaluation of one checkpoint against its base (:func:`evaluate_checkpoint`) and the same from
+a config (:func:`run_eval`), which ``llamapro eval`` reaches through the pipeline's eval step and
+:func:`llamapro.report.evaluate_and_report`, and ``llamapro compare`` calls per run."""
 
 from __future__ import annotations
 
@@ -165,13 +166,13 @@ def eval_paths(cfg, run_dir=None, checkpoint=None) -> tuple[Path | None, Path, P
 
 def run_eval(cfg, run_dir=None, checkpoint=None, heldout: dict | None = None,
              trust_remote_code: bool | None = None, say=None) -> EvalResults:
-    """The eval step of the pipeline: what ``llamapro eval`` and ``jobs/eval.py`` call.
+    """Evaluate the run (or checkpoint) a config names, without the report.
 
     ``cfg`` is the config tree (sections run, model, data, eval). Held-out sets are ``heldout``
     if given, else the configured sets' held-out splits through Ray Data (a local Ray is started
-    when none is running and RAY_ADDRESS is unset). Writes results.json (the report is
-    :func:`llamapro.report.evaluate_and_report`'s, a layer above). Returns the results;
-    ``results["gate"]["passed"]`` decides the exit code.
+    when none is running and RAY_ADDRESS is unset). Writes results.json; the report is drawn a
+    layer above (:func:`llamapro.report.evaluate_and_report`, what ``llamapro eval`` runs).
+    Returns the results; ``results["gate"]["passed"]`` decides the exit code.
     """
     say = say or (lambda m: None)
     ec: EvalConfig = cfg.eval
