@@ -59,8 +59,8 @@ from llamapro.eval import (
 from llamapro.expand.api import resolve_local
 from llamapro.expand.families import Family, family_for, num_layers_of, split_layer_key, writer_param_names
 from llamapro.expand.strategies import Placement
-from llamapro.publish.card import CURVE_PNG, fused_results, fusion_section
 from llamapro.loading import has_tokenizer, load_model, load_tokenizer
+from llamapro.publish.card import CURVE_PNG, fused_results, fusion_section
 from llamapro.publish.source import adapter_base, check_destination, find_adapter, load_merged
 from llamapro.publish.standard_dir import write_standard_dir
 from llamapro.report import build_report, plot_alpha_curve
