@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from llamapro.checkpoint import CheckpointError
+from llamapro.errors import CheckpointError
 from llamapro.config import default_cache_dir
 from llamapro.errors import IncompleteUploadError  # noqa: F401
 

@@ -33,7 +33,7 @@ def make_pack_of(base: Path, root: Path, name: str, seed: int, **expand) -> tupl
     from safetensors.torch import load_file, save_file
 
     from llamapro.expand import api as steps
-    from llamapro.checkpoint import write_metadata
+    from llamapro.artifacts import write_metadata
     from llamapro.publish.pack import make_pack
 
     trained = root / f"trained-{name}"
@@ -152,7 +152,7 @@ def test_serve_packs_in_process_load_unload_and_foreign_base(tmp_path):
     """No Ray: the engine with packs loaded and dropped again; a pack for another base refused."""
     import torch
 
-    from llamapro.checkpoint import fingerprint
+    from llamapro.tensors import fingerprint
     from llamapro.publish.pack import PackError
     from llamapro.serve.engine import TransformersEngine
     from llamapro.serve.packs import ServePacks

@@ -14,8 +14,7 @@ PKG = ROOT / "llamapro"
 MAX_LINES = 600
 
 # Bottom to top: a module may import only modules of its own layer or below.
-FOUNDATION = ("errors", "jsonl", "artifacts", "tensors", "storage", "runtime", "loading", "demo", "config",
-              "checkpoint")  # PENDING: checkpoint.py is a re-export shim until its importers move
+FOUNDATION = ("errors", "jsonl", "artifacts", "tensors", "storage", "runtime", "loading", "demo", "config")
 LAYERS = [FOUNDATION, ("expand",), ("data",), ("train",), ("eval",), ("report",), ("publish",),
           ("serve",), ("pipeline",), ("tune",), ("cli",)]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
