@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 from llamapro.config import default_cache_dir
+from llamapro.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,14 @@ def ensure_demo_model(cache: Path | None = None) -> Path:
         return out
     gguf_path = find_gguf(cache)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     log.info("converting %s to safetensors in %s (once)", gguf_path.name, out)
+    # The one model load outside llamapro.loading.load_model: the source is GGUF, not safetensors
+    # (use_safetensors=True would refuse it); what it writes is safetensors.
     model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                  dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tok = load_tokenizer(gguf_path.parent, gguf_file=gguf_path.name)
     # A GGUF-loaded model is flagged as quantized and refuses save_pretrained; its weights are
     # already dequantized to fp32, so rebuild a plain model from the config and move them over.
     cfg = model.config
