@@ -103,6 +103,7 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def tensor_table(model_dir: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint by name: dtype, shape, and where its bytes are."""
     table: dict[str, TensorInfo] = {}
     for f in weight_files(model_dir):
         header, ds = read_header(f)
@@ -115,6 +116,7 @@ def tensor_table(model_dir: Path) -> dict[str, TensorInfo]:
 
 
 def read_config(model_dir: Path) -> dict:
+    """``config.json`` of a Hugging Face model directory, with a clear error when it is missing."""
     p = Path(model_dir) / "config.json"
     if not p.is_file():
         raise CheckpointError(f"{model_dir}: no config.json; is this a Hugging Face model directory?")
@@ -125,6 +127,8 @@ def read_config(model_dir: Path) -> dict:
 
 
 def header_bytes(entries: list[tuple[str, str, list[int], int]], meta: dict | None) -> bytes:
+    """The length prefix and JSON header of a safetensors file holding ``entries`` (name, dtype,
+    shape, bytes) in that order."""
     header: dict = {"__metadata__": meta or {"format": "pt"}}
     off = 0
     for name, dtype, shape, nbytes in entries:
@@ -136,6 +140,8 @@ def header_bytes(entries: list[tuple[str, str, list[int], int]], meta: dict | No
 
 
 def copy_range(src_fd: int, dst_fd: int, offset: int, count: int, progress=None) -> None:
+    """Append ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` (``copy_file_range``;
+    plain reads and writes where the kernel cannot)."""
     while count > 0:
         n = min(count, CHUNK * 8)
         try:
@@ -356,6 +362,7 @@ def write_tensor_dir(tmp: Path, table: dict[str, TensorInfo], config: dict, side
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
+    """(tqdm bar or None, a callback taking bytes done)."""
     if not enabled:
         return None, lambda n: None
     from tqdm.auto import tqdm
