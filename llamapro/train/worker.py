@@ -80,14 +80,6 @@ class _Batches:
             self.next()
 
 
-def train_loop(config: dict) -> None:
-    """Ray Train's per-worker entry point (``config`` is the driver's ``train_loop_config``)."""
-    recipe = TrainRecipe(config)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
-
-
 class TrainRecipe:
     """Staged training of one worker. The state that a checkpoint carries is ``self.state`` (a
     JSON dict) and ``self.trained`` (the trained tensors of the stages done, by parameter name)."""
@@ -437,3 +429,11 @@ class TrainRecipe:
     def cleanup(self) -> None:
         if self.resume_dir is not None:
             shutil.rmtree(self.resume_dir, ignore_errors=True)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train's per-worker entry point (``config`` is the driver's ``train_loop_config``)."""
+    recipe = TrainRecipe(config)
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
