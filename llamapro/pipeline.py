@@ -294,6 +294,14 @@ def ensure_demo_corpora(cfg) -> None:
         build_corpora(names=missing, say=lambda m: None)
 
 
+def serve_section(cfg) -> dict:
+    """The config's serve section as a plain dict (a typed section or a mapping)."""
+    import dataclasses
+
+    s = cfg.serve
+    return dataclasses.asdict(s) if dataclasses.is_dataclass(s) else dict(s or {})
+
+
 def serve_smoke(cfg, export_dir: Path, base_dir: str) -> dict:
     """Deploy base + exported model behind the OpenAI API, ask one chat question, shut down."""
     import socket
@@ -305,7 +313,7 @@ def serve_smoke(cfg, export_dir: Path, base_dir: str) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    sc = dict(cfg.serve or {})
+    sc = serve_section(cfg)
     sc.update(host="127.0.0.1", port=port)
     sc["models"] = {"base": {"path": base_dir, "num_cpus": 1},
                     "expanded": {"path": str(export_dir), "num_cpus": 1}}
@@ -338,7 +346,7 @@ def run_pipeline(cfg, quick: bool = False) -> dict:
     if cfg.serve:  # fail before any work on a bad serve section
         from llamapro.serve import serve_config_from_dict
 
-        serve_config_from_dict(dict(cfg.serve))
+        serve_config_from_dict(serve_section(cfg))
     # expand and train upload their own outputs; the rest goes up when the run succeeds
     outputs = ["eval", "report", "export", "pack", "summary.json"]
     outputs += [f"baseline-{m}/{d}" for m in cfg.run.baselines for d in ("eval", "report")]
