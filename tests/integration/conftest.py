@@ -14,9 +14,9 @@ import pytest
 def ray_start_4_cpus():
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from llamapro.runtime import ensure_ray
+
+    started = ensure_ray("integration tests", num_cpus=4, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray
