@@ -17,12 +17,11 @@ from llamapro.errors import LlamaproError
 def build_parser() -> argparse.ArgumentParser:
     """Every command, each group registered by the module beside it."""
     from llamapro.cli.data import add_data_commands
-    from llamapro.cli.eval import add_eval_commands
+    from llamapro.cli.eval import add_compare_command, add_eval_commands
     from llamapro.cli.expand import add_expand_commands
     from llamapro.cli.fuse import add_fuse_command
     from llamapro.cli.run import add_run_commands
     from llamapro.cli.serve import add_serve_commands
-    from llamapro.eval.compare import add_compare_command
 
     p = argparse.ArgumentParser(prog="llamapro", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")

@@ -1,4 +1,4 @@
-"""`llamapro eval` and `llamapro export`.
+"""`llamapro eval`, `llamapro export` and `llamapro compare`.
 
     llamapro eval --config jobs/configs/eval_demo.yaml [eval.gate.max_retention_ppl_increase=0.02 ...]
     llamapro eval --run runs/demo --heldout python-docs=held.npz --retention python-docs
@@ -169,3 +169,37 @@ def print_export(res: dict) -> None:
     if res["stale_partial_exports"]:
         print(f"note: partial exports left by interrupted runs (safe to delete): "
               f"{', '.join(res['stale_partial_exports'])}", file=sys.stderr)
+
+
+def add_compare_command(subparsers) -> None:
+    """Register `compare` on an argparse subparsers object."""
+    from llamapro.eval import compare
+
+    c = subparsers.add_parser(
+        "compare", help="learning vs forgetting: evaluate trained runs side by side (table, Pareto plot, "
+                        "verdicts)",
+        description=compare.__doc__.split("\n\n")[0])
+    c.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR",
+                   help="trained run directories, e.g. llamapro=runs/demo full=runs/demo/baseline-full")
+    c.add_argument("--config", required=True, help="a config with eval (and data) sections, e.g. "
+                                                    "jobs/configs/eval_demo.yaml")
+    c.add_argument("--out", required=True, help="directory for compare.md/.csv/.json and pareto.png")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override (repeatable), e.g. --set eval.battery.limit=200")
+    c.set_defaults(fn=cmd_compare)
+
+
+@guarded
+def cmd_compare(a) -> int:
+    """Returns 0, or 2 (bad input: a missing run, a label twice, a bad config)."""
+    from pathlib import Path
+
+    from llamapro.eval.compare import parse_runs, run_compare
+
+    cfg = load_config(a.config, a.overrides)  # run_eval writes no report: one table for all runs
+    res = run_compare(cfg, parse_runs(a.runs), a.out, say=lambda m: print(m, flush=True))
+    print(Path(res["table"]).read_text().split("## Verdicts")[0].strip())
+    for k, v in res["verdicts"].items():
+        print(f"{k}: {v}")
+    print(f"table {res['table']}; plot {res['pareto_png']}")
+    return EXIT_OK

@@ -32,13 +32,11 @@ import hashlib
 import io
 import json
 import math
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from llamapro.artifacts import EvalResults, ExpansionMetadata, TrainingRecord, read_metadata
-from llamapro.config import load_config
-from llamapro.errors import EXIT_BAD_INPUT, CheckpointError, CompareError, ConfigError, EvalError
+from llamapro.errors import CompareError
 from llamapro.eval.results import read_results, write_results
 from llamapro.eval.run import run_eval
 from llamapro.tensors import write_json_atomic
@@ -291,34 +289,3 @@ def run_compare(cfg, runs: dict[str, Path], out_dir, say=None) -> dict:
                "table": str(out / "compare.md")}
     write_json_atomic(out / RESULTS, summary, indent=2, default=str)
     return summary
-
-
-# --- the command ----------------------------------------------------------------------------------
-
-def add_compare_command(subparsers) -> None:
-    c = subparsers.add_parser(
-        "compare", help="learning vs forgetting: evaluate trained runs side by side (table, Pareto plot, "
-                        "verdicts)",
-        description=__doc__.split("\n\n")[0])
-    c.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR",
-                   help="trained run directories, e.g. llamapro=runs/demo full=runs/demo/baseline-full")
-    c.add_argument("--config", required=True, help="a config with eval (and data) sections, e.g. "
-                                                    "jobs/configs/eval_demo.yaml")
-    c.add_argument("--out", required=True, help="directory for compare.md/.csv/.json and pareto.png")
-    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override (repeatable), e.g. --set eval.battery.limit=200")
-    c.set_defaults(fn=cmd_compare)
-
-
-def cmd_compare(a) -> int:
-    try:
-        cfg = load_config(a.config, a.overrides)  # run_eval writes no report: one table for all runs
-        res = run_compare(cfg, parse_runs(a.runs), a.out, say=lambda m: print(m, flush=True))
-    except (CompareError, EvalError, ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(Path(res["table"]).read_text().split("## Verdicts")[0].strip())
-    for k, v in res["verdicts"].items():
-        print(f"{k}: {v}")
-    print(f"table {res['table']}; plot {res['pareto_png']}")
-    return 0
