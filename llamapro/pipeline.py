@@ -25,7 +25,7 @@ import posixpath
 from pathlib import Path
 
 from llamapro import runtime, storage
-from llamapro.errors import CheckpointError
+from llamapro.errors import CheckpointError, ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _train(cfg, tc, out: Path, storage_path: str | None, sub: str) -> dict:
     else:
         model_dir = Path(base_model_dir(cfg))
     if not cfg.data.sources:
-        raise ValueError("data.sources is empty: configure at least one corpus to train on")
+        raise ConfigError("data.sources is empty: configure at least one corpus to train on")
     ensure_ray(cfg)
     out.mkdir(parents=True, exist_ok=True)
     # the resolved config beside the run: lineage for the model card (data mixture, stages)
@@ -160,7 +160,7 @@ def _train(cfg, tc, out: Path, storage_path: str | None, sub: str) -> dict:
                           trust_remote_code=cfg.model.trust_remote_code, storage_path=storage_path,
                           **dict(zip(("model_uri", "out_uri"), _uris(cfg, tc, sub))))
     if result.error is not None:
-        raise RuntimeError(f"training failed: {result.error}")
+        raise TrainingError(f"training failed: {result.error}")
     return {"out": str(out), "model": str(out / "model"), "metrics": result.metrics}
 
 
