@@ -58,6 +58,7 @@ def run_dir(cfg) -> Path:
 
 
 def expanded_dir(cfg) -> Path:
+    """Where the expand step writes (``RUN/expanded``, in the local copy of a URI run)."""
     return run_dir(cfg) / "expanded"
 
 
@@ -69,6 +70,9 @@ def base_model_dir(cfg) -> str:
 
 
 def expand_step(cfg, force: bool = True, progress: bool = True) -> dict:
+    """Expand ``model.base`` into ``RUN/expanded`` as the ``expand`` section says and prove the
+    identity (``llamapro expand`` from a config); uploads ``expanded/`` for a URI run. Returns the
+    metadata written to ``llamapro.json``."""
     from llamapro.expand import api as steps
 
     with storage.synced(cfg.run.run_dir(), push=["expanded"]):
