@@ -60,7 +60,7 @@ class BasePair:
         if self.base_model is not None:
             yield self.base_model
         else:
-            from llamapro.expand.surgery import skip_layers
+            from llamapro.expand.surgery import skip_layers  # local: it imports torch
 
             with skip_layers(self.trained, self.new_idx) as m:
                 yield m

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from llamapro.config.eval import EvalConfig
+from llamapro.data import build_eval_dataset
 from llamapro.errors import EvalError
 from llamapro.runtime import ensure_ray, spare_cpus
 
@@ -95,8 +96,6 @@ def blocks_from_dataset(ds, max_blocks: int, name: str = "held-out") -> dict:
 
 def heldout_from_config(data_cfg, tokenizer_path, names: list[str], max_blocks: int) -> dict:
     """Held-out blocks of each named data source, through the Ray Data pipeline."""
-    from llamapro.data import build_eval_dataset
-
     known = data_cfg.source_names()
     missing = [n for n in names if n not in known]
     if missing:
