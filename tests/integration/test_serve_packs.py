@@ -32,8 +32,8 @@ def make_pack_of(base: Path, root: Path, name: str, seed: int, **expand) -> tupl
     import torch
     from safetensors.torch import load_file, save_file
 
-    from llamapro.expand import api as steps
     from llamapro.artifacts import write_metadata
+    from llamapro.expand import api as steps
     from llamapro.publish.pack import make_pack
 
     trained = root / f"trained-{name}"
@@ -152,10 +152,10 @@ def test_serve_packs_in_process_load_unload_and_foreign_base(tmp_path):
     """No Ray: the engine with packs loaded and dropped again; a pack for another base refused."""
     import torch
 
-    from llamapro.tensors import fingerprint
     from llamapro.publish.pack import PackError
     from llamapro.serve.engine import TransformersEngine
     from llamapro.serve.packs import ServePacks
+    from llamapro.tensors import fingerprint
 
     base = make_tiny_chat_model(tmp_path / "base", seed=3, layers=2)
     other = make_tiny_chat_model(tmp_path / "other", seed=4, layers=2)
