@@ -3,6 +3,10 @@
     llamapro eval --config jobs/configs/eval_demo.yaml [eval.gate.max_retention_ppl_increase=0.02 ...]
     llamapro eval --run runs/demo --heldout python-docs=held.npz --retention python-docs
     llamapro export runs/demo runs/demo-export [--force] [--max-shard-size 500MB]
+    llamapro export s3://bucket/runs/demo s3://bucket/runs/demo/export
+
+A run directory (--run, SOURCE, the config's) and OUT may be URIs: the step downloads what it reads
+and uploads what it writes, as jobs/ do (llamapro.pipeline).
 
 Exit codes: 0 ok; 1 unexpected error; 2 bad input (config, arguments, checkpoint, data);
 4 the regression gate failed (eval only; one plain sentence on stderr says which threshold).
@@ -18,9 +22,7 @@ import sys
 
 from llamapro.cli.exits import guarded
 from llamapro.config import load_config
-from llamapro.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_OK  # noqa: F401  (EXIT_BAD_INPUT: jobs/, compare)
-
-load = load_config  # the old name: the config tree has every section eval/export/fuse read
+from llamapro.errors import EXIT_GATE_FAILED, EXIT_OK
 
 
 def _csv(s: str) -> list[str]:
