@@ -3,6 +3,7 @@ Python example runs exactly as printed."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -53,3 +54,22 @@ def test_readme_python_example_runs(tmp_path):
     printed = re.search(r"^print\(.*\)\s+#\s*(.+)$", code, re.M).group(1)  # what README says it prints
     assert r.stdout.strip().splitlines()[-1] == printed
     assert (tmp_path / "tiny-again" / "config.json").is_file()
+
+
+def test_publish_functions_on_a_run(tmp_path):
+    """export, fuse, pack and apply from Python give what their commands give."""
+    import llamapro
+    from llamapro.tensors import content_digest
+    from tests.unit.eval_support import make_run
+
+    run = make_run(tmp_path, "run", perturb=0.02)
+    exp = llamapro.export(run, tmp_path / "export")
+    assert exp["num_layers"] == 6 and (tmp_path / "export" / "README.md").is_file()
+    fz = llamapro.fuse(run, tmp_path / "fused", method="weighted", alpha=1.0)
+    assert fz["fusion"]["alpha"] == 1.0
+    assert content_digest(tmp_path / "fused") == content_digest(tmp_path / "export")  # alpha 1: as trained
+    pk = llamapro.pack(run, tmp_path / "pack")
+    assert pk["positions"] == json.loads((run / "model" / "llamapro.json").read_text())["new_layer_indices"]
+    applied = llamapro.apply(tmp_path / "base", tmp_path / "pack", tmp_path / "applied")
+    assert applied["num_layers"] == 6
+    assert content_digest(tmp_path / "applied") == content_digest(run / "model")
