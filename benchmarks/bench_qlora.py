@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_line
+from machine import cpu_line  # noqa: E402  (benchmarks/ on sys.path first)
 
 
 def child(kind: str, model_dir: str, steps: int, seq: int, batch: int) -> None:

@@ -25,7 +25,6 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from llamapro.errors import CheckpointError
 from llamapro.config import default_cache_dir
 from llamapro.errors import IncompleteUploadError  # noqa: F401
 
@@ -110,7 +109,7 @@ def check_complete(uri: str, require_manifest: bool = True) -> None:
     fs, p = _fs(uri)
     if fs.get_file_info(p).type != pafs.FileType.Directory:
         return
-    how = (f"upload it again (rerun the step that writes it); a partial copy is never used")
+    how = ("upload it again (rerun the step that writes it); a partial copy is never used")
     if fs.get_file_info(p + "/" + INCOMPLETE).type != pafs.FileType.NotFound:
         raise IncompleteUploadError(f"{uri} is incomplete: an upload to it started and did not "
                                     f"finish ({INCOMPLETE} is there); {how}")

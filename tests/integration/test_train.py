@@ -40,7 +40,8 @@ def ray_local():
 def expanded(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
     tiny_model("llama", num_layers=4).save_pretrained(d / "base")
-    steps.expand(str(d / "base"), str(d / "exp"), blocks=2, strategy="even", progress=False)  # proven: training refuses unproven expansions
+    # proven: training refuses unproven expansions
+    steps.expand(str(d / "base"), str(d / "exp"), blocks=2, strategy="even", progress=False)
     return d
 
 

@@ -134,7 +134,8 @@ def test_killed_expansion_leaves_previous_output_intact(base_dir, tmp_path):
         "orig = c.copy_range\n"
         "def slow(*a, **k):\n    time.sleep(0.2); return orig(*a, **k)\n"
         "c.copy_range = slow\n"
-        f"from llamapro.expand import api as steps; steps.expand({str(big)!r}, {str(out)!r}, blocks=3, force=True, progress=False)\n"
+        "from llamapro.expand import api as steps\n"
+        f"steps.expand({str(big)!r}, {str(out)!r}, blocks=3, force=True, progress=False)\n"
     )
     p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
 

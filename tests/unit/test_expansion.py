@@ -41,7 +41,8 @@ def test_in_memory_expansion_is_identity(family, strategy, n):
     assert rep.bit_identical
     # the zeroed writers really are zero, and everything else in a new block is a copy
     for j, s in p.new_sources().items():
-        new, src = dict(layers[j].named_parameters()), dict(base.get_submodule(find_layers(base)[0])[s].named_parameters())
+        new = dict(layers[j].named_parameters())
+        src = dict(base.get_submodule(find_layers(base)[0])[s].named_parameters())
         assert res.zeroed[j]
         for name in res.zeroed[j]:
             assert torch.count_nonzero(new[name]) == 0

@@ -48,7 +48,8 @@ def readme_families() -> list[str]:
 def test_every_family_readme_claims_is_registered_and_tested():
     names = readme_families()
     unknown = [n for n in names if n not in README_NAMES]
-    assert not unknown, f"README claims families this test does not map to model types: {unknown}; add them to README_NAMES"
+    assert not unknown, (f"README claims families this test does not map to model types: {unknown}; "
+                         "add them to README_NAMES")
     claimed = {t for n in names for t in README_NAMES[n]}
     assert claimed <= set(supported_model_types()), claimed - set(supported_model_types())
     assert set(UNTESTED) <= set(EXTRA), f"registered families without a tiny config here: {set(UNTESTED) - set(EXTRA)}"
