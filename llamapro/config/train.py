@@ -10,6 +10,7 @@ from llamapro.errors import ConfigError
 MODES = ("llamapro", "full", "lora", "freeze_last_n")
 MODULE_SETS = ("all", "attn", "mlp")
 CHECKPOINTING = ("auto", "frozen", "all", "off")
+QUANTIZE_BASES = ("none", "nf4", "int8")
 
 
 @dataclass
@@ -41,6 +42,16 @@ class TrainConfig:
     """mode llamapro only: train LoRA adapters on the new blocks instead of their full weights
     (peft; merged when the run ends)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    quantize_base: str = "none"
+    """mode llamapro only: hold the frozen original layers quantized while the new blocks train
+    (QLoRA-style, bitsandbytes on an x86-64 CPU or a CUDA GPU; `pip install 'llamapro[quant]'`):
+    none (full precision), nf4 (4-bit NormalFloat) or int8 (LLM.int8). Only the originals' Linear
+    layers are quantized; the new blocks train in full precision (or with LoRA: lora_new_blocks),
+    embeddings, norms and head stay as loaded and frozen. The written model is full precision with
+    the originals bit-identical to the expanded checkpoint. The originals cannot train on it:
+    needs original_lr 0, final_originals_ratio 0, train_norms/train_embeddings/train_lm_head off
+    and zero_stage <= 2 (ZeRO-3 would partition the quantized weights). Linear input sizes must be
+    multiples of 64 (bitsandbytes' 4-bit blocks; true of real models)."""
     train_norms: bool = False
     """Also train the final norm (and every original layer norm)."""
     train_embeddings: bool = False
@@ -190,6 +201,30 @@ class TrainConfig:
             bad("lora_new_blocks", "LoRA with ZeRO-3 is not supported here; use zero_stage <= 2")
         if self.patience < 0:
             bad("patience", "must be >= 0")
+        self._check_quantize_base(bad)
+
+    def _check_quantize_base(self, bad) -> None:
+        """A quantized base is frozen: refuse every setting that would train an original weight."""
+        q = self.quantize_base
+        if q not in QUANTIZE_BASES:
+            bad("quantize_base", f"{q!r} is not one of {', '.join(QUANTIZE_BASES)}")
+        if q == "none":
+            return
+        fix = "or set train.quantize_base: none"
+        if self.mode != "llamapro":
+            bad("quantize_base", f"{q} applies to mode llamapro (frozen originals, only the new "
+                f"blocks train), not mode {self.mode}: use train.mode: llamapro, {fix}")
+        if self.original_lr > 0 or self.final_originals_ratio > 0:
+            bad("quantize_base", f"{q} keeps the original layers frozen and quantized, but "
+                f"original_lr={self.original_lr} / final_originals_ratio={self.final_originals_ratio} "
+                f"would train them: set train.original_lr: 0 and train.final_originals_ratio: 0, {fix}")
+        extra = [k for k in ("train_norms", "train_embeddings", "train_lm_head") if getattr(self, k)]
+        if extra:
+            bad("quantize_base", f"{q} trains only the new blocks, but {', '.join(extra)} would "
+                f"train frozen base weights: set {', '.join('train.' + k for k in extra)}: false, {fix}")
+        if self.zero_stage > 2:
+            bad("quantize_base", f"{q} cannot run under ZeRO-3 (it would partition the quantized "
+                f"weights): set train.zero_stage: 2 or lower, {fix}")
 
     def total_steps(self, seq_len: int) -> int:
         """Optimizer steps of the whole run."""
@@ -202,9 +237,10 @@ class TrainConfig:
 def baseline_of(tc: TrainConfig, mode: str) -> TrainConfig:
     """The same training budget and optimizer settings in another mode (a baseline for the
     comparison): what only applies to mode llamapro (stages, LoRA on the new blocks,
-    distillation) is dropped instead of refused."""
+    distillation, a quantized base) is dropped instead of refused."""
     if mode == "llamapro":
         return tc
     return dataclasses.replace(tc, mode=mode, num_stages=1, stage_ratios=[], top_lr_scale=1.0,
-                               final_originals_ratio=0.0, lora_new_blocks=False, distill_weight=0.0)
+                               final_originals_ratio=0.0, lora_new_blocks=False, distill_weight=0.0,
+                               quantize_base="none")
 

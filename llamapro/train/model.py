@@ -1,6 +1,7 @@
-"""The model a stage trains: loaded from the expanded checkpoint in a given dtype, wrapped in LoRA
-adapters when the config asks, with the trained tensors carried between stages laid over it and
-gathered back from the DeepSpeed engine at the stage's end."""
+"""The model a stage trains: loaded from the expanded checkpoint in a given dtype (its originals
+quantized when ``train.quantize_base`` asks), wrapped in LoRA adapters when the config asks, with
+the trained tensors carried between stages laid over it and gathered back from the DeepSpeed engine
+at the stage's end."""
 
 from __future__ import annotations
 
@@ -8,11 +9,22 @@ import torch
 
 from llamapro import loading
 from llamapro.config.train import TrainConfig
+from llamapro.train.quantize import load_quantized_base
 
 
-def load_model(model_dir: str, dtype, trust_remote_code: bool = False):
+def load_model(model_dir: str, dtype, trust_remote_code: bool = False, quantize_base: str = "none",
+               new_layers=None):
     """The checkpoint's causal LM in ``dtype`` on the CPU, as transformers returns it (safetensors
-    only; the recipe switches it to train mode)."""
+    only; the recipe switches it to train mode).
+
+    ``quantize_base`` nf4/int8 (``train.quantize_base``): the original layers' Linear weights are
+    held quantized by bitsandbytes (:func:`~llamapro.train.quantize.load_quantized_base`, computing
+    in ``dtype``); ``new_layers`` (default: the checkpoint's ``llamapro.json``) stay unquantized in
+    ``dtype`` and trainable; the embeddings, norms and head stay unquantized in ``dtype``, frozen."""
+    if quantize_base != "none":
+        return load_quantized_base(model_dir, quantize_base, new_layers,
+                                   compute_dtype=str(dtype).removeprefix("torch."),
+                                   trust_remote_code=trust_remote_code)
     return loading.load_model(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
                               eval_mode=False, check_weights=False)
 

@@ -1,6 +1,8 @@
 """The run's output, written by rank 0 after the last stage: a standard HF checkpoint of the trained
 model (originals from the expanded checkpoint bit for bit, LoRA merged) with its ``llamapro.json``
-carried over and a ``training`` record added, uploaded when the run has an output URI."""
+carried over and a ``training`` record added, uploaded when the run has an output URI. A run on a
+quantized base (``train.quantize_base``) writes the same full-precision checkpoint: its originals
+never come from the quantized copy."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def write_final(config: dict, tc: TrainConfig, trained: dict, state: dict, stage
 
     The model is loaded afresh from the expanded checkpoint in fp32 and only the trained tensors
     (fp32 masters) are laid over it: the originals come from the checkpoint bit for bit, never from
-    the bf16 copy that training computed with."""
+    the bf16 (or ``quantize_base`` nf4/int8) copy that training computed with."""
     out = Path(config["out_dir"]) / "model"
     model = load_model(config["model_dir"], torch.float32, config.get("trust_remote_code", False))
     if uses_lora(tc):
@@ -48,8 +50,11 @@ def write_final(config: dict, tc: TrainConfig, trained: dict, state: dict, stage
         originals_frozen=tc.mode == "llamapro" and tc.original_lr == 0 and not tc.train_norms
         and not tc.train_embeddings and not tc.train_lm_head,
         trained_from=config.get("model_uri") or config["model_dir"],
-        dtype=dtype_info or {},
+        dtype=dict(dtype_info or {}),
     )
+    if tc.quantize_base != "none":  # what training held; the output is full precision regardless
+        meta.training["quantize_base"] = tc.quantize_base
+        meta.training.dtype["frozen_weights"] = f"{tc.quantize_base} (bitsandbytes) for the originals' Linear layers"
     with atomic_dir(out, force=True) as tmp:
         model.save_pretrained(tmp)
         copy_side_files(Path(config["model_dir"]), tmp)

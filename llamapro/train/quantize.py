@@ -1,6 +1,7 @@
-"""QLoRA-style training of the new blocks on a quantized base (``nf4`` or ``int8``): library
-functions, not yet wired into ``llamapro train`` (no config key selects them; their errors name the
-planned ``train.quantize_base``).
+"""QLoRA-style training of the new blocks on a quantized base (``nf4`` or ``int8``), selected by
+``train.quantize_base`` (:class:`~llamapro.config.train.TrainConfig` validates it; the worker loads
+through :func:`llamapro.train.model.load_model`, and the run's output is written in full precision
+by :mod:`llamapro.train.output` like any other run's).
 
 The frozen ORIGINAL layers are loaded quantized with bitsandbytes (4-bit NF4 or LLM.int8; its
 0.50 release runs both on x86-64 CPUs), while the inserted blocks stay in full precision and are
@@ -8,8 +9,9 @@ the only parameters that train (in full, or with LoRA on them as ``lora_new_bloc
 originals never change, so the memory they take is what quantization saves. The embedding, the
 final norm and the head are not Linear layers of the blocks and stay full precision (frozen).
 
-After training, :func:`write_full_precision` publishes an ordinary checkpoint: every tensor of the
-expanded checkpoint copied as it was (the originals bit-identical to the base), with the trained
+For library use outside ``llamapro train``, :func:`write_full_precision` publishes an ordinary
+checkpoint from a trained model shard by shard (never the whole model in memory): every tensor of
+the expanded checkpoint copied as it was (the originals bit-identical to the base), with the trained
 new blocks' tensors put in their place. Nothing quantized is ever written.
 
 bitsandbytes' CPU 4-bit kernels quantize in blocks of 64 along a row: every Linear's input size
@@ -30,10 +32,12 @@ from llamapro.artifacts import (
     require_metadata,
     write_metadata,
 )
+from llamapro.config.train import QUANTIZE_BASES
 from llamapro.errors import QuantizeError
 from llamapro.tensors import atomic_dir, weight_files
 
-QUANTIZE_BASES = ("none", "nf4", "int8")
+__all__ = ["QUANTIZE_BASES", "QuantizeError", "bnb_config", "block_prefixes", "load_quantized_base",
+           "trainable_names", "weight_bytes", "write_full_precision"]
 
 
 def block_prefixes(indices) -> list[str]:
@@ -80,7 +84,16 @@ def load_quantized_base(model_dir, kind: str, new_layer_indices=None, compute_dt
     prefixes = tuple(p + "." for p in block_prefixes(new_layer_indices))
     for n, p in model.named_parameters():
         p.requires_grad_(n.startswith(prefixes))
-    q = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    q = []
+    for n, m in model.named_modules():
+        if type(m).__name__ in ("Linear4bit", "Linear8bitLt"):
+            q.append(n)
+            # bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first forward in
+            # eval mode without grad (a held-out evaluation) and from then on computes through a kernel
+            # without backward: the gradient to every new block below it would be cut. Training keeps
+            # the trainable layout.
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
     if not q:
         raise QuantizeError(f"no Linear layer of {model_dir} was quantized; is it a decoder LLM?")
     if any(n.startswith(prefixes) for n in q):
