@@ -5,8 +5,10 @@
 Expands the SmolLM2-135M-Instruct demo 30 -> 36 layers (6 identity blocks) once, then trains
 only the new blocks with plain AdamW on the same real-text windows (the Python tutorial,
 python3-doc, PSF-2.0) from the same seed, once per base: fp32 (baseline), nf4 and int8
-(bitsandbytes). Each run is its own process so peak RSS is its own. Reports weight memory, peak
-resident memory, seconds per step and the loss curve side by side (same invocation).
+(bitsandbytes), each loaded by the loader `llamapro train` uses (llamapro.train.model.load_model
+with train.quantize_base) and with its parameters chosen by the workers' select_parameters. Each
+run is its own process so peak RSS is its own. Reports weight memory, peak resident memory,
+seconds per step and the loss curve side by side (same invocation).
 """
 
 from __future__ import annotations
@@ -30,19 +32,20 @@ def child(kind: str, model_dir: str, steps: int, seq: int, batch: int) -> None:
     import torch
 
     from llamapro.artifacts import read_metadata
-    from llamapro.loading import load_model, load_tokenizer
+    from llamapro.config.train import TrainConfig
+    from llamapro.loading import load_tokenizer
     from llamapro.publish.quant import heldout_windows
-    from llamapro.train.quantize import load_quantized_base, weight_bytes
+    from llamapro.train.model import load_model
+    from llamapro.train.params import select_parameters
+    from llamapro.train.quantize import weight_bytes
+    from llamapro.train.stages import build_stages
 
     torch.manual_seed(0)
     new = read_metadata(Path(model_dir)).new_layer_indices
-    if kind == "fp32":
-        model = load_model(model_dir, dtype=torch.float32, eval_mode=False)
-        pre = tuple(f"model.layers.{i}." for i in new)
-        for n, p in model.named_parameters():
-            p.requires_grad_(n.startswith(pre))
-    else:
-        model = load_quantized_base(model_dir, kind)
+    # the loader and parameter selection `llamapro train` workers use (train.quantize_base)
+    tc = TrainConfig(quantize_base="none" if kind == "fp32" else kind)
+    model = load_model(model_dir, torch.float32, quantize_base=tc.quantize_base, new_layers=new)
+    select_parameters(model, tc, new, build_stages(new, 1)[0])
     model.train()
     tok = load_tokenizer(model_dir)
     data = heldout_windows(tok, n=steps * batch, seq=seq, source="python-docs")
