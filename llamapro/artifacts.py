@@ -143,6 +143,7 @@ class TrainingRecord(Record):
     originals_frozen: bool | None = _field("originals_frozen", "no original weight changed")
     trained_from: str | None = _field("trained_from", "the checkpoint training started from")
     dtype: dict = _field("dtype", "dtypes used (weights, compute)", dict)
+    early_stopped_stages: list = _field("early_stopped_stages", "stages that stopped early", list)
 
 
 class ExpansionMetadata(Record):
@@ -238,6 +239,16 @@ class EvalResults(Record):
     gate: dict = _field("gate", "the regression gate: passed, summary, checks", dict)
     rollback: dict | None = _field("rollback", "whether strip gives the base back")
     report: str | None = _field("report", "the report written beside the results")
+    dtype: str | None = _field("dtype", "the trained model's dtype during evaluation")
+    device: str | None = _field("device", "where the evaluation ran (cpu, cuda:0)")
+    num_threads: int | None = _field("num_threads", "torch CPU threads during evaluation")
+    eval_seconds: float | None = _field("eval_seconds", "wall time of the evaluation")
+    eval_peak_rss_bytes: int | None = _field("eval_peak_rss_bytes", "peak resident memory of the evaluating process")
+    evaluated_at: str | None = _field("evaluated_at", "UTC timestamp")
+    run_dir: str | None = _field("run_dir", "the run directory (absolute; None for a bare checkpoint)")
+    results_path: str | None = _field("results_path", "where this results.json was written (absolute)")
+    compare_digest: str | None = _field("compare_digest", "`llamapro compare`: the eval settings these results "
+                                                          "were made with")
 
 
 def write_results(out_dir, results: dict) -> Path:

@@ -51,7 +51,7 @@ def greedy(model, batches: list, max_new_tokens: int) -> list[list[int]]:
     """Greedy continuation token ids per prompt (one prompt at a time: no padding effects)."""
     import torch
 
-    from llamapro.expand.surgery import _pad_id  # local: it imports torch
+    from llamapro.expand.surgery import pad_id  # local: it imports torch
 
     dev = next(model.parameters()).device
     out = []
@@ -61,7 +61,7 @@ def greedy(model, batches: list, max_new_tokens: int) -> list[list[int]]:
             g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                temperature=None, top_p=None, top_k=None,
-                               pad_token_id=_pad_id(model))
+                               pad_token_id=pad_id(model))
             out.append(g[0, ids.shape[1]:].tolist())
     return out
 

@@ -186,7 +186,7 @@ def check_identity(expanded: nn.Module, new_indices, base: nn.Module | None = No
     def run(m):
         logits = m(input_ids=input_ids, **kwargs).logits.float()
         gen = m.generate(input_ids=input_ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         use_cache=True, pad_token_id=_pad_id(m), **kwargs)
+                         use_cache=True, pad_token_id=pad_id(m), **kwargs)
         return logits, gen
 
     lx, gx = run(expanded)
@@ -208,7 +208,9 @@ def check_identity(expanded: nn.Module, new_indices, base: nn.Module | None = No
     )
 
 
-def _pad_id(model) -> int:
+def pad_id(model) -> int:
+    """The pad token id generate() should use: the generation config's pad, else its eos, else the
+    model config's pad, else its eos (first of a list), else 0; always inside the vocabulary."""
     gc = getattr(model, "generation_config", None)
     for v in (getattr(gc, "pad_token_id", None), getattr(gc, "eos_token_id", None),
               getattr(model.config, "pad_token_id", None), getattr(model.config, "eos_token_id", None)):

@@ -54,7 +54,7 @@ def summarize(events: list[dict], meta: dict | None) -> dict:
         "median_step_tokens_per_s": statistics.median(rates) if rates else None,
         "peak_rss_bytes": max(peaks) if peaks else None,
         "resumes": sum(1 for e in events if e.get("event") == "resume"),
-        "early_stopped_stages": training.get("early_stopped_stages")
+        "early_stopped_stages": training.early_stopped_stages
         or sorted({e.get("stage") for e in events if e.get("event") == "early_stop"}),
     }
 

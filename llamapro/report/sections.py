@@ -162,9 +162,8 @@ def summary_section(ckpt: Path | None, meta: ExpansionMetadata | None, results: 
     if summ["resumes"]:
         rows.append(["resumed after failure", f"{summ['resumes']} time(s)"])
     if results:
-        rows.append(["evaluation", f"{results.get('eval_seconds', 0):,.1f} s on {results.get('device', '?')} "
-                                   f"({results.get('dtype', '?')}), "
-                                   f"peak memory {_bytes(results.get('eval_peak_rss_bytes'))}"])
+        rows.append(["evaluation", f"{_q(results.eval_seconds, 0):,.1f} s on {_q(results.device)} "
+                                   f"({_q(results.dtype)}), peak memory {_bytes(results.eval_peak_rss_bytes)}"])
         rows.append(["compared against", results.base.get("why", "?")])
     return [("h2", "Summary"), ("table", ["", ""], rows)]
 
@@ -279,5 +278,5 @@ def lineage_section(meta: ExpansionMetadata | None, results: EvalResults | None)
            ["strategy", str(_q(m.strategy))],
            ["trained from", str(_q((m.training or TrainingRecord()).trained_from))]]
     if results:
-        lin.append(["evaluation results", str(results.get("results_path") or "")])
+        lin.append(["evaluation results", str(results.results_path or "")])
     return [("h2", "Lineage"), ("table", ["", ""], lin)]
