@@ -1,7 +1,8 @@
 """What each Ray Train worker runs: :class:`TrainRecipe`, read top to bottom.
 
 ``setup`` prepares the process (threads, seed, compute dtype), the schedule of stages, the state
-resumed from Ray Train's latest checkpoint and the data; ``train`` runs the stages: for each, the
+resumed from Ray Train's newest intact checkpoint (:mod:`llamapro.train.resume`: validated against
+its manifests, never unpickled) and the data; ``train`` runs the stages: for each, the
 model is loaded afresh with the carried trained tensors, only the stage's parameters are handed to
 DeepSpeed, and the steps run with held-out evaluation, early stopping and periodic checkpoints;
 after the last stage rank 0 writes the HF checkpoint (:mod:`llamapro.train.output`); ``cleanup``
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from llamapro import storage
 from llamapro.config import from_dict
 from llamapro.config.train import TrainConfig
+from llamapro.errors import CheckpointError
 from llamapro.expand.surgery import skip_layers
 from llamapro.jsonl import append_record
 from llamapro.train.loss import (
@@ -50,10 +52,14 @@ from llamapro.train.params import (
     select_parameters,
 )
 from llamapro.train.precision import agree_across_workers, resolve_dtype
+from llamapro.train.resume import (
+    STATE_FILE,
+    TRAINED_FILE,
+    deepspeed_safe_loading,
+    resume_from_ray,
+    write_manifest,
+)
 from llamapro.train.stages import allocate, build_stages
-
-STATE_FILE = "trainer_state.json"
-TRAINED_FILE = "trained.safetensors"
 
 
 class _Batches:
@@ -153,26 +159,29 @@ class TrainRecipe:
         self.resume_dir = None
 
     def load_checkpoint(self) -> None:
-        """Resume from Ray Train's latest checkpoint, if any: the state, the trained tensors, and
-        (rank 0) the metrics log so far with a ``resume`` record."""
-        import ray.train
+        """Resume from the newest intact checkpoint Ray Train kept, if any (a corrupt or incomplete
+        newer one is skipped and named): the state, the trained tensors, and (rank 0) the metrics
+        log so far with a ``checkpoint_rejected`` record per skipped one and a ``resume`` record."""
         from safetensors.torch import load_file
 
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
+        resumed = resume_from_ray(self.rank)
+        if resumed is None:
             return
-        self.resume_dir = resume_dir = Path(tempfile.mkdtemp(prefix="llamapro-resume-"))
-        ckpt.to_directory(str(resume_dir))
+        self.resume_dir = resume_dir = resumed.local_dir
         self.state = state = json.loads((resume_dir / STATE_FILE).read_text())
         if (resume_dir / TRAINED_FILE).is_file():
             self.trained = load_file(resume_dir / TRAINED_FILE)
         if self.rank == 0:
             if self.out_uri:  # this node may not be the one that wrote the metrics so far
                 storage.download(storage.join(self.out_uri, "metrics.jsonl"), self.metrics_path)
+            for source, why in resumed.rejected:
+                append_record(self.metrics_path, {"event": "checkpoint_rejected", "checkpoint": source,
+                                                  "reason": why})
+                self.say(f"WARNING: skipping checkpoint {source}: {why}")
             append_record(self.metrics_path, {"event": "resume", "step": state["global_step"],
-                                              "stage": state["stage"]})
-            self.say(f"resuming at stage {state['stage']} step {state['step_in_stage']} "
-                     f"(global step {state['global_step']})")
+                                              "stage": state["stage"], "checkpoint": resumed.source})
+            self.say(f"resuming from {resumed.source} at stage {state['stage']} step "
+                     f"{state['step_in_stage']} (global step {state['global_step']})")
 
     def setup_data(self) -> None:
         import ray.train
@@ -243,7 +252,11 @@ class TrainRecipe:
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=build_ds_config(tc, self.ds_bf16), dist_init_required=False)
         if self.resume_dir is not None and state["ds_valid"] and state["stage"] == k:
-            engine.load_checkpoint(str(self.resume_dir / "ds"), tag="state", load_module_strict=False)
+            with deepspeed_safe_loading(engine):  # weights_only: a checkpoint never runs code
+                path, _ = engine.load_checkpoint(str(self.resume_dir / "ds"), tag="state",
+                                                 load_module_strict=False)
+            if path is None:  # DeepSpeed only warns when it finds nothing to load
+                raise CheckpointError(f"DeepSpeed found no state to restore in {self.resume_dir / 'ds'}")
         return engine, optimizer, scheduler
 
     # --- training -----------------------------------------------------------------------------------
@@ -396,7 +409,8 @@ class TrainRecipe:
 
     def save_checkpoint(self, engine, metrics: dict, ds_valid: bool) -> None:
         """Report ``metrics`` to Ray Train with a checkpoint: DeepSpeed's state when ``ds_valid``
-        (mid-stage), and from rank 0 the state and the carried trained tensors."""
+        (mid-stage), from rank 0 the state and the carried trained tensors, and last each rank's
+        manifest of what it wrote (what resume checks a checkpoint against)."""
         import ray.train
         from safetensors.torch import save_file
 
@@ -412,6 +426,7 @@ class TrainRecipe:
                 (d / STATE_FILE).write_text(json.dumps(st))
                 if self.trained:
                     save_file({k: v.contiguous() for k, v in self.trained.items()}, str(d / TRAINED_FILE))
+            write_manifest(d, rank, self.world, self.state["global_step"])
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
         finally:
             shutil.rmtree(d, ignore_errors=True)
