@@ -19,8 +19,9 @@ def load_model(model_dir: str, dtype, trust_remote_code: bool = False, quantize_
 
     ``quantize_base`` nf4/int8 (``train.quantize_base``): the original layers' Linear weights are
     held quantized by bitsandbytes (:func:`~llamapro.train.quantize.load_quantized_base`, computing
-    in ``dtype``); ``new_layers`` (default: the checkpoint's ``llamapro.json``) stay unquantized in
-    ``dtype`` and trainable; the embeddings, norms and head stay unquantized in ``dtype``, frozen."""
+    in ``dtype``, on the worker's GPU when it has one); ``new_layers`` (default: the checkpoint's
+    ``llamapro.json``) stay unquantized in ``dtype`` and trainable; the embeddings, norms and head
+    stay unquantized in ``dtype``, frozen."""
     if quantize_base != "none":
         return load_quantized_base(model_dir, quantize_base, new_layers,
                                    compute_dtype=str(dtype).removeprefix("torch."),
