@@ -260,5 +260,19 @@ def resume_from_ray(rank: int) -> Resumed | None:
     latest = ray.train.get_checkpoint()
     if latest is None:
         return None
-    return first_valid(((c.path, lambda d, c=c: c.to_directory(str(d))) for c in kept_checkpoints(latest)),
-                       rank)
+    # rank 0's list for everyone: a rank that could not read the snapshot must not try fewer
+    kept = {c.path: c for c in kept_checkpoints(latest)}
+    paths = _from_rank0(list(kept))
+    fs = latest.filesystem
+    return first_valid(((p, lambda d, c=kept.get(p) or ray.train.Checkpoint(path=p, filesystem=fs):
+                         c.to_directory(str(d))) for p in paths), rank)
+
+
+def _from_rank0(obj):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
