@@ -8,15 +8,9 @@ run wasted). Each field documents why it exists. Derived values are methods. No 
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 
 from llamapro.errors import ConfigError  # noqa: E402,F401  (re-exported: llamapro.config.ConfigError)
@@ -261,9 +255,9 @@ class Config:
     tune: "TuneConfig" = field(default_factory=lambda: TuneConfig())
     """`llamapro tune`: the search space, objective and scheduler (llamapro/config/tune.py)."""
     fuse: "FuseConfig" = field(default_factory=lambda: FuseConfig())
-    serve: dict = field(default_factory=dict)
-    """The serve section, validated strictly by llamapro.serve.ServeConfig when serving starts
-    (it lives beside the Serve app, which imports Ray; `llamapro run` validates it up front)."""
+    serve: "ServeConfig" = field(default_factory=lambda: ServeConfig())
+    """`llamapro serve` and the pipeline's serve smoke test: models, autoscaling, canary, limits
+    (llamapro/config/serve.py)."""
 
     def __post_init__(self):
         # tune.space names keys of this tree: checked here, where the whole tree is known
@@ -272,144 +266,22 @@ class Config:
 
 # The step sections live beside their steps (pure modules, no torch/ray); they import ConfigError
 # from here, so they are imported after it exists.
+from llamapro.config.loader import (  # noqa: E402,F401  (re-exported)
+    _coerce,
+    _field_types,
+    apply_overrides,
+    from_dict,
+    read_config_data,
+    to_dict,
+)
 from llamapro.config.eval import EvalConfig, ExportConfig, FuseConfig  # noqa: E402
+from llamapro.config.serve import ServeConfig  # noqa: E402
 from llamapro.config.train import TrainConfig  # noqa: E402
 from llamapro.config.tune import TuneConfig, check_space  # noqa: E402
 
 
-# --- machinery ------------------------------------------------------------------------------------
-
-def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _coerce(value, tp, where: str):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            return tp()
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return from_dict(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        last = None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                last = e
-        raise last or ConfigError(f"{where}: bad value {value!r}")
-    if origin in (list, tuple):
-        if isinstance(value, str):  # "4,9,14" from a CLI override
-            value = [v for v in value.split(",") if v.strip()] if value.strip() else []
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
-        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def from_dict(cls, data: dict, where: str = ""):
-    """Build dataclass ``cls`` from ``data``; unknown keys raise naming the full dotted key."""
-    types_ = _field_types(cls)
-    unknown = sorted(set(data) - set(types_))
-    if unknown:
-        path = ", ".join(f"{where + '.' if where else ''}{k}" for k in unknown)
-        raise ConfigError(
-            f"unknown config key(s): {path}. Valid keys{' in ' + where if where else ''}: "
-            f"{', '.join(sorted(types_))}"
-        )
-    kwargs = {k: _coerce(v, types_[k], f"{where + '.' if where else ''}{k}") for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where or 'config'}: {e}") from e
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def apply_overrides(data: dict, overrides) -> dict:
-    """Apply ``a.b=c`` overrides (values parsed as YAML scalars) to a plain dict."""
-    for ov in overrides or []:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r} is not of the form key.path=value")
-        key, raw = ov.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {ov!r}: {p} is not a section")
-        node[parts[-1]] = value
-    return data
-
+# --- loading --------------------------------------------------------------------------------------
 
 def load_config(path: str | os.PathLike | None = None, overrides=None, cls=Config):
     """Load ``path`` (YAML) strictly, apply dotted overrides, validate, return the typed tree."""
     return from_dict(cls, read_config_data(path, overrides))
-
-
-def read_config_data(path: str | os.PathLike | None = None, overrides=None) -> dict:
-    """The YAML mapping at ``path`` (none: empty) with dotted overrides applied, not yet typed."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    return apply_overrides(data, overrides)

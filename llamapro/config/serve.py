@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llamapro.config.loader import from_dict
 from llamapro.errors import ConfigError
 
 ENGINES = ("auto", "transformers", "vllm")
@@ -30,16 +31,6 @@ _PATH: contextvars.ContextVar[str] = contextvars.ContextVar("llamapro_serve_path
 
 def _key(name: str) -> str:
     return f"{_PATH.get()}.{name}"
-
-
-def _from_dict(cls, data: dict, where: str):
-    """The config tree's strict loader (unknown keys name their full dotted key)."""
-    # TRANSITIONAL, until the loader machinery (from_dict, _coerce) leaves llamapro/config/__init__.py
-    # for a module of its own (request sent to H-core): then this becomes a module-level import of
-    # that module, and the config <-> config.serve cycle goes.
-    from llamapro.config import from_dict
-
-    return from_dict(cls, data, where)
 
 
 @dataclass
@@ -357,11 +348,11 @@ class ServeConfig:
                 raise ConfigError(f"{where}: expected a mapping with at least `path`")
             token = _PATH.set(where)
             try:
-                m = _from_dict(ModelServeConfig, raw, where)
+                m = from_dict(ModelServeConfig, raw, where)
                 merged = {**dataclasses.asdict(self.autoscaling), **(m.autoscaling or {})}
                 # Reuse the strict loader so a misspelled per-model key is named too.
-                m.autoscaling = dataclasses.asdict(_from_dict(AutoscalingConfig, merged,
-                                                              f"{where}.autoscaling"))
+                m.autoscaling = dataclasses.asdict(from_dict(AutoscalingConfig, merged,
+                                                             f"{where}.autoscaling"))
             finally:
                 _PATH.reset(token)
             models[name] = m
@@ -413,7 +404,7 @@ class ServeConfig:
 
 
 def serve_config_from_dict(d: dict | None) -> ServeConfig:
-    return _from_dict(ServeConfig, dict(d or {}), "serve")
+    return from_dict(ServeConfig, dict(d or {}), "serve")
 
 
 def absolutize_paths(cfg: ServeConfig, base: str | os.PathLike | None = None) -> ServeConfig:
