@@ -7,8 +7,9 @@ only the new blocks with plain AdamW on the same real-text windows (the Python t
 python3-doc, PSF-2.0) from the same seed, once per base: fp32 (baseline), nf4 and int8
 (bitsandbytes), each loaded by the loader `llamapro train` uses (llamapro.train.model.load_model
 with train.quantize_base) and with its parameters chosen by the workers' select_parameters. Each
-run is its own process so peak RSS is its own. Reports weight memory, peak resident memory,
-seconds per step and the loss curve side by side (same invocation).
+run is its own process so peak RSS is its own. Reports weight memory, resident memory once loaded
+and after the steps, peak resident memory (which includes loading: bitsandbytes quantizes from the
+full-precision checkpoint), seconds per step and the loss curve side by side (same invocation).
 """
 
 from __future__ import annotations
@@ -29,23 +30,29 @@ from machine import cpu_line  # noqa: E402  (benchmarks/ on sys.path first)
 
 
 def child(kind: str, model_dir: str, steps: int, seq: int, batch: int) -> None:
+    import gc
+
     import torch
 
     from llamapro.artifacts import read_metadata
     from llamapro.config.train import TrainConfig
     from llamapro.loading import load_tokenizer
     from llamapro.publish.quant import heldout_windows
+    from llamapro.train.memory import lean_malloc, rss
     from llamapro.train.model import load_model
     from llamapro.train.params import select_parameters
     from llamapro.train.quantize import weight_bytes
     from llamapro.train.stages import build_stages
 
+    lean_malloc()  # as a `llamapro train` worker does (train.lean_malloc, on by default)
     torch.manual_seed(0)
     new = read_metadata(Path(model_dir)).new_layer_indices
     # the loader and parameter selection `llamapro train` workers use (train.quantize_base)
     tc = TrainConfig(quantize_base="none" if kind == "fp32" else kind)
     model = load_model(model_dir, torch.float32, quantize_base=tc.quantize_base, new_layers=new)
     select_parameters(model, tc, new, build_stages(new, 1)[0])
+    gc.collect()
+    rss_loaded = rss()
     model.train()
     tok = load_tokenizer(model_dir)
     data = heldout_windows(tok, n=steps * batch, seq=seq, source="python-docs")
@@ -65,6 +72,7 @@ def child(kind: str, model_dir: str, steps: int, seq: int, batch: int) -> None:
     print(json.dumps({"kind": kind, "weight_bytes": weight_bytes(model),
                       "trainable": sum(p.numel() for p in params),
                       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "rss_loaded": rss_loaded, "rss_end": rss(),
                       "s_per_step": dt, "losses": losses}))
 
 
@@ -98,10 +106,12 @@ def main() -> None:
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(f"  {kind} done", file=sys.stderr, flush=True)
     base = rows[0]
-    print("\n| base | weights MiB | vs fp32 | peak RSS MiB | vs fp32 | s/step | vs fp32 | trainable params |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| base | weights MiB | vs fp32 | RSS loaded MiB | RSS after steps MiB | vs fp32 | peak RSS MiB "
+          "| vs fp32 | s/step | vs fp32 | trainable params |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['kind']} | {r['weight_bytes'] / 2**20:.0f} | {r['weight_bytes'] / base['weight_bytes']:.2f} | "
+              f"{r['rss_loaded'] / 2**20:.0f} | {r['rss_end'] / 2**20:.0f} | {r['rss_end'] / base['rss_end']:.2f} | "
               f"{r['peak_rss'] / 2**20:.0f} | {r['peak_rss'] / base['peak_rss']:.2f} | {r['s_per_step']:.2f} | "
               f"{r['s_per_step'] / base['s_per_step']:.2f}x | {r['trainable']:,} |")
     print("\nloss per step:")
