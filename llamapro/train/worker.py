@@ -215,7 +215,8 @@ class TrainRecipe:
         # then the trainable parameters get their exact fp32 values below
         direct = self.bf16 and not self.ds_bf16 and not lora
         model = load_model(self.model_dir, torch.bfloat16 if direct else torch.float32,
-                           self.config.get("trust_remote_code", False))
+                           self.config.get("trust_remote_code", False),
+                           quantize_base=tc.quantize_base, new_layers=self.new_layers)
         if lora:
             model = wrap_lora(model, tc, list(stage.layers))
             overlay_trained(model, {("base_model.model." + n if not n.startswith("base_model") else n): v
@@ -279,6 +280,7 @@ class TrainRecipe:
         self.log({"event": "stage_start", "stage": k, "name": stage.name, "layers": stage.layers,
                   "steps": stage.steps, "trainable_params": n_train, "total_params": n_all,
                   "optimizer_groups": group_sizes, "checkpointing": self.checkpointing,
+                  "quantized_base": getattr(model, "llamapro_quantized", None),
                   "checkpointed_layers": self.checkpointed,
                   "chunked_loss": self.chunked, "zero_stage": engine.zero_optimization_stage(),
                   "dtype": self.dtype_info, "rss_at_start_bytes": self.rss_at_start, "rss_bytes": rss(),
