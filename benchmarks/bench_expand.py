@@ -9,7 +9,7 @@ What it measures
 
     cp       ``cp -r`` of the checkpoint directory (and ``cp+sync``: the same, then ``sync`` of
              the copied files, because the streaming expansion fsyncs its output)
-    stream   ``llamapro.expand.api.expand(base, out, blocks=N, strategy="even", verify=False)``:
+    stream   ``llamapro.expansion.api.expand(base, out, blocks=N, strategy="even", verify=False)``:
              plan, fingerprint, byte copy with ``copy_file_range``, zeros for the new blocks'
              residual writers, fsync, zero check and the structural meta-device check (in a
              child process beside the copy, so the torch/transformers import is included; the
@@ -21,7 +21,7 @@ What it measures
              repeated (a retried job, ``--force``), so its passed structure check is remembered
              and neither torch nor transformers is imported
     load     ``AutoModelForCausalLM.from_pretrained(dtype=float32)`` + in-memory
-             ``llamapro.expand.surgery.expand_model`` + ``save_pretrained`` (the non-streaming way)
+             ``llamapro.expansion.surgery.expand_model`` + ``save_pretrained`` (the non-streaming way)
 
     N = max(1, layers // 4) new blocks (LLaMA-Pro's 8 for 32). Wall times are taken by this
     parent around each child, so interpreter start-up and import time count. The stream child
@@ -264,9 +264,9 @@ def child(mode: str, base: str, out: str, blocks: int) -> None:
         return wrapper
 
     t = time.perf_counter()
-    import llamapro.expand.streaming as ck
+    import llamapro.expansion.streaming as ck
     import llamapro.tensors as tensors_io
-    import llamapro.expand.api as steps
+    import llamapro.expansion.api as steps
     phases["import llamapro"] = time.perf_counter() - t
     if not mode.startswith("stream"):  # `llamapro expand` imports these in the structure-check child,
         t = time.perf_counter()  # overlapping the copy (timed there as part of that check)
@@ -288,8 +288,8 @@ def child(mode: str, base: str, out: str, blocks: int) -> None:
         assert meta["structure_check"]["ok"] and meta["num_new_layers"] == blocks
         extra["structure_cached"] = meta["structure_check"]["cached"]
     elif mode == "load":
-        from llamapro.expand.surgery import expand_model
-        from llamapro.expand.strategies import plan
+        from llamapro.expansion.surgery import expand_model
+        from llamapro.expansion.strategies import plan
 
         t = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

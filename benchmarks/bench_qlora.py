@@ -5,7 +5,7 @@
 Expands the SmolLM2-135M-Instruct demo 30 -> 36 layers (6 identity blocks) once, then trains
 only the new blocks with plain AdamW on the same real-text windows (the Python tutorial,
 python3-doc, PSF-2.0) from the same seed, once per base: fp32 (baseline), nf4 and int8
-(bitsandbytes), each loaded by the loader `llamapro train` uses (llamapro.train.model.load_model
+(bitsandbytes), each loaded by the loader `llamapro train` uses (llamapro.training.model.load_model
 with train.quantize_base) and with its parameters chosen by the workers' select_parameters. Each
 run is its own process so peak RSS is its own. Reports weight memory, resident memory once loaded
 and after the steps, peak resident memory (which includes loading: bitsandbytes quantizes from the
@@ -38,11 +38,11 @@ def child(kind: str, model_dir: str, steps: int, seq: int, batch: int) -> None:
     from llamapro.config.train import TrainConfig
     from llamapro.loading import load_tokenizer
     from llamapro.publish.quant import heldout_windows
-    from llamapro.train.memory import lean_malloc, rss
-    from llamapro.train.model import load_model
-    from llamapro.train.params import select_parameters
-    from llamapro.train.quantize import weight_bytes
-    from llamapro.train.stages import build_stages
+    from llamapro.training.memory import lean_malloc, rss
+    from llamapro.training.model import load_model
+    from llamapro.training.params import select_parameters
+    from llamapro.training.quantize import weight_bytes
+    from llamapro.training.stages import build_stages
 
     lean_malloc()  # as a `llamapro train` worker does (train.lean_malloc, on by default)
     torch.manual_seed(0)
@@ -87,7 +87,7 @@ def main() -> None:
         return child(a.child[0], a.child[1], a.steps, a.seq, a.batch)
 
     from llamapro.demo import ensure_demo_model
-    from llamapro.expand import api as steps
+    from llamapro.expansion import api as steps
 
     print(f"# {time.strftime('%Y-%m-%d')}  {cpu_line()}")
     print(f"# SmolLM2-135M-Instruct 30 -> 36 layers (6 new), {a.steps} AdamW steps, batch {a.batch} x {a.seq} "

@@ -59,7 +59,7 @@ def build_pack(base: str, work: Path, blocks: int) -> tuple[Path, Path]:
     from safetensors.torch import load_file, save_file
 
     from llamapro.artifacts import write_metadata
-    from llamapro.expand import api as steps
+    from llamapro.expansion import api as steps
     from llamapro.publish.pack import apply_packs, make_pack
 
     trained, pack, applied = work / "trained", work / "pack", work / "applied"

@@ -9,7 +9,7 @@ Peers come from ``$PEERS_SCRIPT`` (default ../shared/peers/peer_train_bench.sh b
 the same model (SmolLM2 30 -> 36, LLaMA-Factory's expansion), batch 4 x 256, 2 threads, fp32 (their
 CPU default), the same number of steps, median of steps 3..N, peak RSS of the process tree (GNU time).
 
-Every row is one ``llamapro.train.run_training`` call (a Ray Train worker, a DeepSpeed ZeRO engine,
+Every row is one ``llamapro.training.run_training`` call (a Ray Train worker, a DeepSpeed ZeRO engine,
 packed blocks from the Ray Data pipeline over the demo corpora) on SmolLM2-135M-Instruct expanded
 30 -> 36 layers (6 new blocks), batch 4 x 256 tokens, the settings of the peer figures in
 DESIGN.md. Rows (levers added one at a time, then variants):
@@ -86,7 +86,7 @@ def cpu_summary() -> dict:
     """CPU model, the flags that matter for training speed, and what the bf16 probe says."""
     import torch
 
-    from llamapro.train.precision import cpu_flags, native_bf16
+    from llamapro.training.precision import cpu_flags, native_bf16
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
@@ -183,9 +183,9 @@ def main() -> None:
     from llamapro.config.train import TrainConfig
     from llamapro.data import build_train_dataset
     from llamapro.demo import ensure_demo_model
-    from llamapro.expand import api as steps
+    from llamapro.expansion import api as steps
     from llamapro.runtime import ensure_ray
-    from llamapro.train import run_training
+    from llamapro.training import run_training
 
     cpu = cpu_summary()
     print(f"CPU: {cpu['model']}, {cpu['cores']} cores, torch {cpu['torch_capability']}, flags "

@@ -52,9 +52,9 @@ def main() -> None:
 
     from llamapro.artifacts import read_metadata
     from llamapro.config.train import TrainConfig
-    from llamapro.train.loss import causal_lm_ce_sum
-    from llamapro.train.model import load_model
-    from llamapro.train.params import (
+    from llamapro.training.loss import causal_lm_ce_sum
+    from llamapro.training.model import load_model
+    from llamapro.training.params import (
         apply_checkpointing,
         decoder_layers,
         select_parameters,
@@ -70,7 +70,7 @@ def main() -> None:
         import tempfile
 
         from llamapro.demo import ensure_demo_model
-        from llamapro.expand import api as steps
+        from llamapro.expansion import api as steps
 
         model_dir = str(Path(tempfile.mkdtemp()) / "expanded")
         steps.expand(str(ensure_demo_model()), model_dir, blocks=6, strategy="even", verify=False,

@@ -23,14 +23,13 @@ Every deliberate failure raises a :class:`llamapro.LlamaproError` whose ``exit_c
 CLI exits with.
 
 ``import llamapro`` imports nothing heavy: each function imports its step when called.
-``llamapro.expand`` and ``llamapro.train`` are also the subpackages of those steps (callable).
+The steps themselves live in subpackages named for what they are (``llamapro.expansion``,
+``llamapro.training``, ``llamapro.eval``, ``llamapro.publish``, ...): see docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
@@ -43,7 +42,7 @@ __all__ = [
 
 # --- the API ----------------------------------------------------------------------------------------
 
-def _expand(base, out, blocks: int | None = None, *, strategy: str = "even", positions=None,
+def expand(base, out, blocks: int | None = None, *, strategy: str = "even", positions=None,
             residual_writers=None, verify: bool = True, force: bool = False,
             trust_remote_code: bool = False, progress: bool = False) -> dict:
     """Insert ``blocks`` identity blocks into ``base`` (an HF directory, a hub id, or
@@ -54,7 +53,7 @@ def _expand(base, out, blocks: int | None = None, *, strategy: str = "even", pos
     blocks in the expanded model. ``out`` must not exist unless ``force``. Returns the metadata
     also written to ``out/llamapro.json`` (``new_layer_indices``, ``verification``, ...).
     Raises IdentityError (the proof failed) or a BadInputError (the message says what to fix)."""
-    from llamapro.expand.api import expand
+    from llamapro.expansion.api import expand
 
     return expand(str(base), str(out), blocks=blocks, strategy=strategy,
                   positions=positions, residual_writers=residual_writers, verify=verify, force=force,
@@ -65,7 +64,7 @@ def verify(checkpoint, base=None, *, max_new_tokens: int = 16, trust_remote_code
     """Prove again that an expanded ``checkpoint`` computes what its base computed (``base``:
     default the recorded base, else the checkpoint with its new blocks skipped). Returns the
     metadata with the proof's numbers under ``verification``; raises IdentityError if it fails."""
-    from llamapro.expand.api import verify_checkpoint
+    from llamapro.expansion.api import verify_checkpoint
 
     return verify_checkpoint(str(checkpoint), base=None if base is None else str(base),
                              max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
@@ -80,12 +79,12 @@ def strip(checkpoint, out, *, force: bool = False, pack: str | None = None) -> d
         from llamapro.publish.pack import strip_pack
 
         return strip_pack(str(checkpoint), str(out), pack, force=force)
-    from llamapro.expand.api import strip as strip_blocks
+    from llamapro.expansion.api import strip as strip_blocks
 
     return strip_blocks(str(checkpoint), str(out), force=force, progress=False)
 
 
-def _train(config=None, overrides=(), *, mode: str | None = None) -> dict:
+def train(config=None, overrides=(), *, mode: str | None = None) -> dict:
     """Train the inserted blocks of the config's run (expanding first if needed) with Ray Train +
     DeepSpeed, or with ``mode`` (full, lora, freeze_last_n) the baseline ``run.baselines`` would.
     Starts a local Ray cluster unless one is running or ``RAY_ADDRESS`` is set. Returns
@@ -167,36 +166,16 @@ def _config(config, overrides=()):
     return load_config(config, overrides)
 
 
-# --- lazy names, and the two steps that are also subpackages --------------------------------------
+# --- lazy names ----------------------------------------------------------------------------------
 
 _LAZY = {
     "load_config": "llamapro.config", "Config": "llamapro.config",
     "LlamaproError": "llamapro.errors", "BadInputError": "llamapro.errors",
     "IdentityError": "llamapro.errors", "GateFailed": "llamapro.errors",
 }
-_CALLABLE_PACKAGES = {"expand": _expand, "train": _train}
-
-
-class _CallablePackage(types.ModuleType):
-    """``llamapro.expand`` / ``llamapro.train``: the step's subpackage, which is also the API
-    function of that step (``llamapro.expand(base, out, blocks=2)``)."""
-
-    def __call__(self, *args, **kwargs):
-        return _CALLABLE_PACKAGES[self.__name__.rsplit(".", 1)[1]](*args, **kwargs)
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name, value):
-        # the import system sets llamapro.expand / llamapro.train to the subpackage when it is
-        # imported: keep it, and make it callable as the API function of the same name
-        if name in _CALLABLE_PACKAGES and type(value) is types.ModuleType:
-            value.__class__ = _CallablePackage
-        super().__setattr__(name, value)
 
 
 def __getattr__(name: str):
-    if name in _CALLABLE_PACKAGES:
-        return importlib.import_module(f"{__name__}.{name}")  # made callable as it is set
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -207,10 +186,3 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
-
-
-sys.modules[__name__].__class__ = _Package
-for _name in _CALLABLE_PACKAGES:  # a subpackage imported before this module finished
-    if isinstance(sys.modules.get(f"{__name__}.{_name}"), types.ModuleType):
-        setattr(sys.modules[__name__], _name, sys.modules[f"{__name__}.{_name}"])
-del _name

@@ -73,7 +73,7 @@ def expand_step(cfg, force: bool = True, progress: bool = True) -> dict:
     """Expand ``model.base`` into ``RUN/expanded`` as the ``expand`` section says and prove the
     identity (``llamapro expand`` from a config); uploads ``expanded/`` for a URI run. Returns the
     metadata written to ``llamapro.json``."""
-    from llamapro.expand import api as steps
+    from llamapro.expansion import api as steps
 
     with storage.synced(cfg.run.run_dir(), push=["expanded"]):
         return steps.expand(base_model_dir(cfg), str(expanded_dir(cfg)), blocks=cfg.expand.blocks,
@@ -130,7 +130,7 @@ def _uris(cfg, tc, sub: str) -> tuple[str | None, str | None]:
 
 def _train(cfg, tc, out: Path, storage_path: str | None, sub: str) -> dict:
     from llamapro.data import build_train_dataset
-    from llamapro.train import run_training
+    from llamapro.training import run_training
 
     if tc.mode == "llamapro":
         model_dir = expanded_dir(cfg)
@@ -138,7 +138,7 @@ def _train(cfg, tc, out: Path, storage_path: str | None, sub: str) -> dict:
             log.info("no expanded checkpoint at %s yet: expanding first", model_dir)
             expand_step(cfg)
         from llamapro.artifacts import read_metadata
-        from llamapro.expand.api import require_proven
+        from llamapro.expansion.api import require_proven
 
         require_proven(read_metadata(model_dir), tc.allow_unproven, where=str(model_dir))
     else:

@@ -22,7 +22,7 @@ def _writers(s: str) -> list[str]:
 
 
 def cmd_expand(a) -> int:
-    from llamapro.expand import api as steps
+    from llamapro.expansion import api as steps
 
     meta = steps.expand(a.base, a.out, blocks=a.blocks, strategy=a.strategy, positions=a.positions,
                         residual_writers=a.residual_writers, verify=not a.no_verify, force=a.force,
@@ -33,7 +33,7 @@ def cmd_expand(a) -> int:
 
 
 def cmd_verify(a) -> int:
-    from llamapro.expand import api as steps
+    from llamapro.expansion import api as steps
 
     meta = steps.verify_checkpoint(a.checkpoint, base=a.base, max_new_tokens=a.max_new_tokens,
                                    trust_remote_code=a.trust_remote_code)  # IdentityError: exit 3
@@ -42,7 +42,7 @@ def cmd_verify(a) -> int:
 
 
 def cmd_strip(a) -> int:
-    from llamapro.expand import api as steps
+    from llamapro.expansion import api as steps
 
     if a.pack is not None:  # one pack of an applied model; the others stay
         from llamapro.publish.pack import strip_pack
@@ -65,7 +65,7 @@ def cmd_strip(a) -> int:
 
 
 def cmd_pack(a) -> int:
-    from llamapro.expand import api as steps
+    from llamapro.expansion import api as steps
     from llamapro.pipeline import pack_step
 
     res = pack_step(a.source, a.out, force=a.force, name=a.name, trust_remote_code=a.trust_remote_code)
@@ -76,7 +76,7 @@ def cmd_pack(a) -> int:
 
 
 def cmd_apply(a) -> int:
-    from llamapro.expand import api as steps
+    from llamapro.expansion import api as steps
     from llamapro.publish.pack import apply_packs
 
     res = apply_packs(a.base, a.packs, a.out, force=a.force, progress=not a.quiet)

@@ -18,7 +18,7 @@ def _say(step: str):
 
 def expand(cfg) -> int:
     """Expand ``model.base`` into ``RUN/expanded`` and prove identity (uploaded for a URI run)."""
-    from llamapro.expand.api import summary
+    from llamapro.expansion.api import summary
     from llamapro.pipeline import expand_step
 
     print(summary(expand_step(cfg, force=True, progress=False)))

@@ -45,7 +45,7 @@ class ModelConfig:
 
 
 STRATEGIES = ("even", "top", "bottom", "middle")
-"""Where new blocks can go (built by ``llamapro.expand.strategies``, validated here)."""
+"""Where new blocks can go (built by ``llamapro.expansion.strategies``, validated here)."""
 
 
 @dataclass

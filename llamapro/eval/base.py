@@ -12,7 +12,7 @@ from pathlib import Path
 from llamapro.artifacts import ExpansionMetadata, TrainingRecord
 from llamapro.config.eval import EvalConfig
 from llamapro.errors import EvalError
-from llamapro.expand.api import strip
+from llamapro.expansion.api import strip
 
 
 def resolve_base(checkpoint: Path, meta: dict | None, cfg: EvalConfig) -> dict:
@@ -60,7 +60,7 @@ class BasePair:
         if self.base_model is not None:
             yield self.base_model
         else:
-            from llamapro.expand.surgery import skip_layers  # local: it imports torch
+            from llamapro.expansion.surgery import skip_layers  # local: it imports torch
 
             with skip_layers(self.trained, self.new_idx) as m:
                 yield m

@@ -15,7 +15,7 @@ def heldout_loss(model, blocks: dict, batch_size: int = 4) -> dict:
     """Token-level mean next-token cross-entropy over labelled positions, and perplexity."""
     import torch
 
-    from llamapro.train.loss import masked_ce_sum  # local: it imports torch
+    from llamapro.training.loss import masked_ce_sum  # local: it imports torch
 
     dev = next(model.parameters()).device
     ids, labels = blocks["input_ids"], blocks["labels"]
@@ -51,7 +51,7 @@ def greedy(model, batches: list, max_new_tokens: int) -> list[list[int]]:
     """Greedy continuation token ids per prompt (one prompt at a time: no padding effects)."""
     import torch
 
-    from llamapro.expand.surgery import pad_id  # local: it imports torch
+    from llamapro.expansion.surgery import pad_id  # local: it imports torch
 
     dev = next(model.parameters()).device
     out = []

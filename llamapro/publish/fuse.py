@@ -56,9 +56,9 @@ from llamapro.eval import (
     load_prompts,
     torch_threads,
 )
-from llamapro.expand.api import resolve_local
-from llamapro.expand.families import Family, family_for, num_layers_of, split_layer_key, writer_param_names
-from llamapro.expand.strategies import Placement
+from llamapro.expansion.api import resolve_local
+from llamapro.expansion.families import Family, family_for, num_layers_of, split_layer_key, writer_param_names
+from llamapro.expansion.strategies import Placement
 from llamapro.loading import has_tokenizer, load_model, load_tokenizer
 from llamapro.publish.card import CURVE_PNG, fused_results, fusion_section
 from llamapro.publish.source import adapter_base, check_destination, find_adapter, load_merged
@@ -161,7 +161,7 @@ def identity_reference(model, meta: dict, placement: Placement, base_model=None)
     from the model's own original layers (valid when they were frozen)."""
     import torch
 
-    from llamapro.expand.surgery import expand_model, find_layers  # downward; local: surgery imports torch
+    from llamapro.expansion.surgery import expand_model, find_layers  # downward; local: surgery imports torch
 
     family = _family(meta, model.config.model_type)
     params = dict(model.named_parameters())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from llamapro.artifacts import METADATA_VERSION, EvalResults, ExpansionMetadata, write_metadata
 from llamapro.errors import CheckpointError
-from llamapro.expand.families import num_layers_of
+from llamapro.expansion.families import num_layers_of
 from llamapro.publish.card import CARD_FILE, data_mixture, model_card
 from llamapro.publish.source import ADAPTER_FILES
 from llamapro.tensors import (

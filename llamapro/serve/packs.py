@@ -24,7 +24,7 @@ import copy
 import threading
 from pathlib import Path
 
-from llamapro.expand.strategies import Placement
+from llamapro.expansion.strategies import Placement
 from llamapro.publish.pack import PackError, compose, read_base, read_pack
 
 BASE = ""  # the pack name of rows that asked for the base itself
@@ -34,7 +34,7 @@ class ServePacks:
     """The packs one replica can serve on its base model (``model``, loaded from ``base_dir``)."""
 
     def __init__(self, model, base_dir, packs: dict[str, str]):
-        from llamapro.expand.surgery import find_layers
+        from llamapro.expansion.surgery import find_layers
 
         self.model = model
         self.base = read_base(base_dir)
@@ -86,7 +86,7 @@ class ServePacks:
     def _rebuild(self) -> list[str]:
         import torch
 
-        from llamapro.expand.surgery import (
+        from llamapro.expansion.surgery import (
             _set_module,
             _sync_sub_configs,
             renumber_layers,

@@ -13,8 +13,8 @@ from pathlib import Path
 from llamapro.artifacts import Record
 from llamapro.config import Config, ConfigError, from_dict, to_dict
 from llamapro.demo import resolve_model
-from llamapro.expand.api import resolve_local
-from llamapro.expand.families import num_layers_of
+from llamapro.expansion.api import resolve_local
+from llamapro.expansion.families import num_layers_of
 from llamapro.tensors import read_config
 from llamapro.tune.space import (check_space_values, eval_rows_of, largest, max_over_budgets, shares_data,
                                  steps_of, train_blocks_of)

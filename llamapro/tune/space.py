@@ -10,9 +10,9 @@ import itertools
 from llamapro.config import Config, ConfigError, from_dict
 from llamapro.config.tune import PLACEMENT_KEY
 from llamapro.errors import ScheduleError
-from llamapro.expand.strategies import PlacementError
-from llamapro.expand.strategies import plan as plan_placement
-from llamapro.train.stages import allocate, build_stages
+from llamapro.expansion.strategies import PlacementError
+from llamapro.expansion.strategies import plan as plan_placement
+from llamapro.training.stages import allocate, build_stages
 
 _BUDGET_KEYS = ("train.max_steps", "train.max_tokens", "train.micro_batch_size", "train.grad_accum",
                 "train.num_workers", "train.eval_batches", "data.seq_len")

@@ -17,7 +17,7 @@ from llamapro.artifacts import ExpansionMetadata, read_metadata
 from llamapro.config import Config, ConfigError, from_dict, to_dict
 from llamapro.data import build_train_dataset, load_tokenizer
 from llamapro.eval import heldout_loss
-from llamapro.expand.api import require_proven
+from llamapro.expansion.api import require_proven
 from llamapro.loading import load_model
 from llamapro.pipeline import eval_blocks, expand_step, expanded_dir, run_dir
 from llamapro.tensors import write_json_atomic
@@ -122,7 +122,7 @@ def run_trial(params: dict, plan: TunePlan, shared: dict | None = None) -> None:
     import ray.data
     from ray import tune
 
-    from llamapro.train import run_training  # imports torch (the driver needs none of it)
+    from llamapro.training import run_training  # imports torch (the driver needs none of it)
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     shared = shared or {}

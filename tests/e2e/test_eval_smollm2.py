@@ -42,10 +42,10 @@ def trained(tmp_path_factory):
     from llamapro.config.train import TrainConfig
     from llamapro.demo import ensure_demo_model
     from llamapro.eval import blocks_from_dataset
-    from llamapro.expand import api as steps
+    from llamapro.expansion import api as steps
     from llamapro.loading import load_tokenizer
     from llamapro.runtime import ensure_ray
-    from llamapro.train import run_training
+    from llamapro.training import run_training
 
     root = tmp_path_factory.mktemp("smol-eval")
     base = ensure_demo_model()
@@ -92,7 +92,7 @@ def _png_ok(p: Path):
 
 def test_eval_report_export_rollback(trained, capsys):
     from llamapro.tensors import content_digest
-    from llamapro.expand.api import strip
+    from llamapro.expansion.api import strip
 
     root, base = trained
     run = root / "run"

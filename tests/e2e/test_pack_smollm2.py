@@ -29,7 +29,7 @@ def test_pack_apply_to_a_fresh_base_generates_like_the_export(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
-    from llamapro.expand import api as steps
+    from llamapro.expansion import api as steps
     from llamapro.artifacts import write_metadata
     from llamapro.cli import main
     from llamapro.demo import ensure_demo_model

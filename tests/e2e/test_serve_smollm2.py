@@ -17,7 +17,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from llamapro.expand import api as steps
+    from llamapro.expansion import api as steps
     from llamapro.demo import ensure_demo_model
     from llamapro.serve import deploy, serve_config_from_dict
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llamapro.expand import api as steps
-from llamapro.train import run_training
+from llamapro.expansion import api as steps
+from llamapro.training import run_training
 from llamapro.config.train import TrainConfig
 from tests.tiny_models import tiny_model
 

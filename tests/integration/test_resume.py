@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from llamapro.config.train import TrainConfig
 from llamapro.errors import CheckpointError
-from llamapro.expand import api as steps
-from llamapro.train import run_training
-from llamapro.train.resume import (
+from llamapro.expansion import api as steps
+from llamapro.training import run_training
+from llamapro.training.resume import (
     MANIFEST,
     deepspeed_safe_loading,
     first_valid,

@@ -87,7 +87,7 @@ def wait_stats(name, pred, timeout=20.0) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from llamapro.expand import api as steps
+    from llamapro.expansion import api as steps
 
     d = tmp_path_factory.mktemp("serve")
     base = make_tiny_chat_model(d / "base", seed=0)

@@ -33,7 +33,7 @@ def make_pack_of(base: Path, root: Path, name: str, seed: int, **expand) -> tupl
     from safetensors.torch import load_file, save_file
 
     from llamapro.artifacts import write_metadata
-    from llamapro.expand import api as steps
+    from llamapro.expansion import api as steps
     from llamapro.publish.pack import make_pack
 
     trained = root / f"trained-{name}"

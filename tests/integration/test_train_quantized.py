@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from llamapro.config.train import TrainConfig
-from llamapro.expand import api as steps
-from llamapro.train import run_training
+from llamapro.expansion import api as steps
+from llamapro.training import run_training
 from tests.tiny_models import tiny_config
 
 pytestmark = pytest.mark.integration

@@ -291,7 +291,7 @@ def test_objective_is_computed_from_a_report_and_travels_to_workers():
     # nothing of Ray's private queue is touched
     import inspect
 
-    from llamapro.train import run_training
+    from llamapro.training import run_training
 
     assert "report_metrics" in inspect.signature(run_training).parameters
     src = inspect.getsource(tune._reporting)

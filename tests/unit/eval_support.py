@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from llamapro.artifacts import read_metadata, write_metadata
-from llamapro.expand import api as steps
+from llamapro.expansion import api as steps
 from llamapro.tensors import copy_side_files
 from tests.tiny_models import tiny_model
 
@@ -122,7 +122,7 @@ def greedy_blocks(model_dir: Path, n: int = 4, seed: int = 0, skip=None) -> dict
     """Blocks the model at ``model_dir`` itself would write (its greedy continuations of random
     starts): it scores them well, and any other model scores them worse. With ``skip`` the
     given layers are skipped (the base of an expanded model)."""
-    from llamapro.expand.surgery import skip_layers
+    from llamapro.expansion.surgery import skip_layers
     from llamapro.loading import load_model
 
     m = load_model(model_dir, dtype="float32")

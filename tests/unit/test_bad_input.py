@@ -5,11 +5,11 @@ import os
 
 import pytest
 
-from llamapro.expand import api as steps
+from llamapro.expansion import api as steps
 from llamapro.errors import CheckpointError
 from llamapro.tensors import atomic_dir, content_digest
-from llamapro.expand.families import UnsupportedModelError
-from llamapro.expand.strategies import PlacementError
+from llamapro.expansion.families import UnsupportedModelError
+from llamapro.expansion.strategies import PlacementError
 from tests.tiny_models import tiny_model
 
 
@@ -130,11 +130,11 @@ def test_killed_expansion_leaves_previous_output_intact(base_dir, tmp_path):
     big = tmp_path / "big"
     tiny_model("llama", num_layers=4).save_pretrained(big)
     code = (
-        "import time, llamapro.expand.streaming as c\n"
+        "import time, llamapro.expansion.streaming as c\n"
         "orig = c.copy_range\n"
         "def slow(*a, **k):\n    time.sleep(0.2); return orig(*a, **k)\n"
         "c.copy_range = slow\n"
-        "from llamapro.expand import api as steps\n"
+        "from llamapro.expansion import api as steps\n"
         f"steps.expand({str(big)!r}, {str(out)!r}, blocks=3, force=True, progress=False)\n"
     )
     p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
@@ -173,7 +173,7 @@ def test_disk_full_during_expansion_keeps_the_previous_output_and_leaks_nothing(
     code = (
         "import resource, sys\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({shard // 2}, {shard // 2}))\n"
-        "from llamapro.expand import api as steps\n"
+        "from llamapro.expansion import api as steps\n"
         "try:\n"
         f"    steps.expand({str(base_dir)!r}, {str(out)!r}, blocks=3, force=True, progress=False)\n"
         "except OSError as e:\n"

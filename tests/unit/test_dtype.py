@@ -9,9 +9,9 @@ import torch
 
 from llamapro.config.train import TrainConfig
 from llamapro.errors import ConfigError
-from llamapro.train import params as train_params
-from llamapro.train import precision
-from llamapro.train.loss import causal_lm_ce_sum
+from llamapro.training import params as train_params
+from llamapro.training import precision
+from llamapro.training.loss import causal_lm_ce_sum
 from tests.tiny_models import tiny_model
 
 CPU = torch.device("cpu")

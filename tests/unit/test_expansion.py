@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from llamapro.expand import api as steps
-from llamapro.expand import structure
+from llamapro.expansion import api as steps
+from llamapro.expansion import structure
 from llamapro.tensors import METADATA_FILE, content_digest, fingerprint
-from llamapro.expand.surgery import check_identity, expand_model, find_layers, skip_layers
-from llamapro.expand.strategies import plan
+from llamapro.expansion.surgery import check_identity, expand_model, find_layers, skip_layers
+from llamapro.expansion.strategies import plan
 from tests.tiny_models import FAMILY_CONFIGS, REQUIRED_FAMILIES, tiny_model
 
 CASES = [("even", 2), ("even", 3), ("top", 1), ("bottom", 2), ("middle", 5)]
@@ -146,7 +146,7 @@ def test_structure_check_in_a_child_process(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMAPRO_CACHE", str(tmp_path))
     base = tiny_model("llama", num_layers=4).config.to_dict()
     p = plan(4, 2, "even")
-    from llamapro.expand.families import expand_config
+    from llamapro.expansion.families import expand_config
 
     new, _ = expand_config(base, p)
     sources = {str(k): v for k, v in p.new_sources().items()}
@@ -162,7 +162,7 @@ def test_structure_check_in_a_child_process(monkeypatch, tmp_path):
 def test_zero_check_catches_a_nonzero_byte_in_a_new_block(tmp_path):
     from llamapro.artifacts import read_metadata
     from llamapro.errors import CheckpointError
-    from llamapro.expand.streaming import check_new_blocks_zero
+    from llamapro.expansion.streaming import check_new_blocks_zero
     from llamapro.tensors import tensor_table
 
     tiny_model("llama", num_layers=2).save_pretrained(tmp_path / "base")
@@ -183,7 +183,7 @@ def test_zero_check_catches_a_nonzero_byte_in_a_new_block(tmp_path):
 def test_data_ranges_skip_holes(tmp_path):
     import os
 
-    from llamapro.expand.streaming import _data_ranges
+    from llamapro.expansion.streaming import _data_ranges
 
     f = tmp_path / "sparse"
     with open(f, "wb") as fh:
@@ -204,7 +204,7 @@ def test_data_ranges_skip_holes(tmp_path):
 
 
 def _structure_inputs(layers=4, blocks=2, strategy="even"):
-    from llamapro.expand.families import expand_config
+    from llamapro.expansion.families import expand_config
 
     base = tiny_model("llama", num_layers=layers).config.to_dict()
     p = plan(layers, blocks, strategy)

@@ -19,7 +19,7 @@ from llamapro.tensors import content_digest
 from llamapro.eval import check_gate, write_results
 from llamapro.config.eval import GateConfig
 from llamapro.publish.export import export
-from llamapro.expand.api import strip
+from llamapro.expansion.api import strip
 from eval_support import eval_cli as _cli, make_run
 
 REPO = Path(__file__).resolve().parents[2]

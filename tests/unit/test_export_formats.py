@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamapro.expand import api as steps
+from llamapro.expansion import api as steps
 from llamapro.artifacts import read_metadata, write_metadata
 from llamapro.publish.gguf import GGUFExportError, export_gguf, permute_qk
 from tests.tiny_models import _COMMON, FAMILY_CONFIGS

@@ -1,4 +1,4 @@
-"""Every family llamapro claims (README's list, llamapro/expand/families.py's registry) expands into an
+"""Every family llamapro claims (README's list, llamapro/expansion/families.py's registry) expands into an
 exact identity: a tiny random model of each, expanded on disk by `llamapro expand`'s own path, then
 loaded with plain transformers gives the base's logits bit for bit.
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamapro.expand import api as steps
-from llamapro.expand.families import supported_model_types
+from llamapro.expansion import api as steps
+from llamapro.expansion.families import supported_model_types
 from tests.tiny_models import _COMMON, FAMILY_CONFIGS
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -39,7 +39,7 @@ README_NAMES = {
 
 def readme_families() -> list[str]:
     text = " ".join(README.read_text().split())
-    m = re.search(r"The list is per family \(`llamapro/expand/families.py`\): (.*?)\. Other families", text)
+    m = re.search(r"The list is per family \(`llamapro/expansion/families.py`\): (.*?)\. Other families", text)
     assert m, "README's family list (\"The list is per family ...\") was not found; update this test"
     names = re.sub(r"\([^)]*\)", "", m.group(1))
     return [n.strip() for n in re.split(r",| and ", names) if n.strip()]

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamapro.train.loss import (
+from llamapro.training.loss import (
     causal_lm_ce_sum,
     chunked_ce_sum,
     masked_ce_sum,
     supports_chunked_loss,
 )
-from llamapro.train.params import apply_checkpointing
+from llamapro.training.params import apply_checkpointing
 from tests.tiny_models import tiny_model
 
 

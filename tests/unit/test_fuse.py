@@ -21,7 +21,7 @@ from llamapro.tensors import content_digest
 from llamapro.cli import main
 from llamapro.config.eval import EvalConfig, GateConfig
 from llamapro.publish.fuse import CURVE_PNG, FuseError, NoAlphaPassesGate, choose_alpha, fuse
-from llamapro.expand.api import strip
+from llamapro.expansion.api import strip
 from eval_support import greedy_blocks, make_run
 from test_report import assert_real_png, images_of
 

@@ -15,11 +15,11 @@ MAX_LINES = 600
 
 # Bottom to top: a module may import only modules of its own layer or below.
 FOUNDATION = ("errors", "jsonl", "artifacts", "tensors", "storage", "runtime", "loading", "demo", "config")
-LAYERS = [FOUNDATION, ("expand",), ("data",), ("train",), ("eval",), ("report",), ("publish",),
+LAYERS = [FOUNDATION, ("expansion",), ("data",), ("training",), ("eval",), ("report",), ("publish",),
           ("serve",), ("pipeline",), ("tune",), ("cli",)]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 API_LAYER = len(LAYERS)  # llamapro/__init__.py: the user Python API, on top of everything
-CORE = set(FOUNDATION) | {"expand", "report", "publish"}
+CORE = set(FOUNDATION) | {"expansion", "report", "publish"}
 # The one module allowed to import ray in the core: it is where Ray is started (ensure_ray).
 RAY_HOME = {"llamapro.runtime"}
 FORBIDDEN_IN_CORE = ("ray", "deepspeed")
@@ -202,9 +202,9 @@ def test_the_cycle_finder_finds_cycles():
 def test_expansion_core_imports_neither_ray_nor_deepspeed():
     code = (
         "import sys\n"
-        "import llamapro.config, llamapro.expand.strategies, llamapro.expand.families, llamapro.tensors, "
-        "llamapro.artifacts, llamapro.expand.streaming, "
-        "llamapro.expand.surgery, llamapro.expand.api, llamapro.cli\n"
+        "import llamapro.config, llamapro.expansion.strategies, llamapro.expansion.families, llamapro.tensors, "
+        "llamapro.artifacts, llamapro.expansion.streaming, "
+        "llamapro.expansion.surgery, llamapro.expansion.api, llamapro.cli\n"
         "bad = [m for m in ('ray', 'deepspeed') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -213,8 +213,8 @@ def test_expansion_core_imports_neither_ray_nor_deepspeed():
 
 
 def test_config_and_strategies_import_no_torch():
-    code = ("import sys, llamapro.config, llamapro.expand.strategies, llamapro.expand.families, "
-            "llamapro.tensors, llamapro.artifacts, llamapro.expand.streaming\n"
+    code = ("import sys, llamapro.config, llamapro.expansion.strategies, llamapro.expansion.families, "
+            "llamapro.tensors, llamapro.artifacts, llamapro.expansion.streaming\n"
             "assert 'torch' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

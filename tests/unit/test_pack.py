@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llamapro.expand import api as steps
+from llamapro.expansion import api as steps
 from llamapro.artifacts import write_metadata
 from llamapro.errors import CheckpointError
 from llamapro.tensors import content_digest, fingerprint, read_config
@@ -139,7 +139,7 @@ def test_two_packs_stack_and_either_strips_back_bit_for_bit(family, root, capsys
     # the stacked model computes each pack's model with the other's blocks skipped
     from transformers import AutoModelForCausalLM
 
-    from llamapro.expand.surgery import skip_layers
+    from llamapro.expansion.surgery import skip_layers
 
     ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(0))
     m = AutoModelForCausalLM.from_pretrained(ab, dtype=torch.float32).eval()
@@ -183,7 +183,7 @@ def test_generation_two_on_a_trained_generation_one(root):
 def test_in_memory_one_base_several_packs(root):
     from transformers import AutoModelForCausalLM
 
-    from llamapro.expand.surgery import skip_layers
+    from llamapro.expansion.surgery import skip_layers
 
     base = _base(root, "llama")
     ta = _trained(root, base, "mem-a", 8, blocks=2, strategy="even")

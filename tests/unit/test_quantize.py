@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from llamapro.artifacts import read_metadata
-from llamapro.expand import api as steps
-from llamapro.train.quantize import (
+from llamapro.expansion import api as steps
+from llamapro.training.quantize import (
     QuantizeError,
     load_quantized_base,
     trainable_names,
@@ -131,9 +131,9 @@ def test_quantize_base_config_is_validated():
 
 
 def test_train_model_loader_quantizes_when_asked(grown):
-    """llamapro.train.model.load_model (what each worker loads a stage from) follows quantize_base:
+    """llamapro.training.model.load_model (what each worker loads a stage from) follows quantize_base:
     the originals' Linear layers quantized, the new blocks full precision in the compute dtype."""
-    from llamapro.train.model import load_model
+    from llamapro.training.model import load_model
 
     new = read_metadata(grown)["new_layer_indices"]
     plain = load_model(str(grown), torch.float32)

@@ -2,7 +2,7 @@ import pytest
 
 from llamapro.config import ConfigError, from_dict
 from llamapro.config.train import TrainConfig
-from llamapro.train.stages import (
+from llamapro.training.stages import (
     ScheduleError,
     allocate,
     build_stages,
@@ -61,7 +61,7 @@ def test_train_config_validation_names_the_key():
 
 
 def test_deepspeed_config_is_a_pure_function_with_user_override(tmp_path):
-    from llamapro.train import build_ds_config
+    from llamapro.training import build_ds_config
 
     tc = TrainConfig(zero_stage=3, micro_batch_size=2, grad_accum=4, max_grad_norm=0.5)
     cfg = build_ds_config(tc, bf16=False)
@@ -81,16 +81,16 @@ def test_deepspeed_config_is_a_pure_function_with_user_override(tmp_path):
 def test_select_parameters_trains_only_the_stage_and_modules():
     import copy
 
-    from llamapro.expand.strategies import plan
-    from llamapro.expand.surgery import expand_model
-    from llamapro.train.stages import build_stages
+    from llamapro.expansion.strategies import plan
+    from llamapro.expansion.surgery import expand_model
+    from llamapro.training.stages import build_stages
     from tests.tiny_models import tiny_model
 
     m = tiny_model("llama")
     expand_model(m, plan(4, 2, "even"))  # new layers 2 and 5
     st = build_stages([2, 5], 2)
     groups = TrainConfig(trainable_modules=["mlp"])
-    from llamapro.train import select_parameters
+    from llamapro.training import select_parameters
 
     g = select_parameters(m, groups, [2, 5], st[0])
     names = {n for n, p in m.named_parameters() if p.requires_grad}

@@ -1,6 +1,6 @@
 import pytest
 
-from llamapro.expand.strategies import PlacementError, STRATEGIES, even_positions, plan, validate_positions
+from llamapro.expansion.strategies import PlacementError, STRATEGIES, even_positions, plan, validate_positions
 
 
 def test_even_matches_llama_pro_interleaving():

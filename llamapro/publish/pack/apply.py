@@ -9,9 +9,9 @@ from pathlib import Path
 
 from llamapro.artifacts import METADATA_VERSION, ExpansionMetadata, require_metadata, write_metadata
 from llamapro.errors import PackError
-from llamapro.expand.api import resolve_local
-from llamapro.expand.families import num_layers_of
-from llamapro.expand.strategies import Placement
+from llamapro.expansion.api import resolve_local
+from llamapro.expansion.families import num_layers_of
+from llamapro.expansion.strategies import Placement
 from llamapro.publish.pack.compose import Composition, compose, table_of
 from llamapro.publish.pack.sources import Base, PackSource, read_base, read_pack, split_layers
 from llamapro.tensors import (

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llamapro.errors import PackError
-from llamapro.expand.families import expand_config
-from llamapro.expand.strategies import Placement
+from llamapro.expansion.families import expand_config
+from llamapro.expansion.strategies import Placement
 from llamapro.publish.pack.sources import Base, PackSource
 from llamapro.tensors import TensorInfo, config_digest, fingerprint_of
 

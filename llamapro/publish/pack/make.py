@@ -12,7 +12,7 @@ from pathlib import Path
 
 from llamapro.artifacts import METADATA_FILE, BaseRecord, TrainingRecord, locate, require_metadata
 from llamapro.errors import PackError
-from llamapro.expand.families import num_layers_of
+from llamapro.expansion.families import num_layers_of
 from llamapro.publish.card import CARD_FILE, pack_card
 from llamapro.publish.pack.sources import BLOCKS_FILE, PACK_FILE, PACK_FORMAT, PACK_VERSION, split_layers
 from llamapro.publish.source import find_adapter, load_merged

@@ -7,7 +7,7 @@ import copy
 from dataclasses import dataclass
 
 from llamapro.errors import PackError
-from llamapro.expand.strategies import Placement
+from llamapro.expansion.strategies import Placement
 from llamapro.publish.pack.compose import Composition, compose
 from llamapro.publish.pack.sources import read_base, read_pack
 
@@ -19,7 +19,7 @@ class PackedModel:
     ``pack_layers`` maps each pack's name to the indices of its blocks in ``model``; ``needs``
     maps it to the packs it runs with (itself, plus for a stacked pack the packs it was grown
     on). Run a request for pack NAME (or ``"base"``) inside
-    ``llamapro.expand.surgery.skip_layers(packed.model, packed.skip_for(NAME))``: the skipped blocks are bypassed
+    ``llamapro.expansion.surgery.skip_layers(packed.model, packed.skip_for(NAME))``: the skipped blocks are bypassed
     and the model computes what ``apply BASE <NAME's packs>`` computes (for ``base``: the base,
     exactly)."""
 
@@ -47,7 +47,7 @@ def load_packs_into(model, base_dir, packs) -> PackedModel:
     from safetensors import safe_open
 
     # downward; local because surgery imports torch
-    from llamapro.expand.surgery import _set_module, _sync_sub_configs, find_layers, renumber_layers
+    from llamapro.expansion.surgery import _set_module, _sync_sub_configs, find_layers, renumber_layers
 
     base = read_base(base_dir)
     srcs = [read_pack(p) for p in packs]

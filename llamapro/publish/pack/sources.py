@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamapro.errors import PackError
-from llamapro.expand.families import layers_prefix, num_layers_of, split_layer_key
+from llamapro.expansion.families import layers_prefix, num_layers_of, split_layer_key
 from llamapro.tensors import TensorInfo, fingerprint, read_config, read_header, tensor_table
 
 PACK_FILE = "pack.json"

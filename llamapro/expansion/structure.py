@@ -31,7 +31,7 @@ def check_structure(base_config: dict, expanded_config: dict, new_sources: dict,
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llamapro.expand.surgery import find_layers  # imports torch: only when the check runs
+    from llamapro.expansion.surgery import find_layers  # imports torch: only when the check runs
 
     def layer_shapes(d):
         d = {k: v for k, v in d.items() if k not in ("transformers_version",)}
@@ -162,7 +162,7 @@ def _check_structure_somewhere(base_config, expanded_config, new_sources, trust_
         [pkg_parent] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     request = json.dumps({"base": base_config, "expanded": expanded_config, "sources": new_sources,
                           "trust_remote_code": trust_remote_code})
-    proc = subprocess.run([sys.executable, "-c", "from llamapro.expand.structure import _structure_child; "
+    proc = subprocess.run([sys.executable, "-c", "from llamapro.expansion.structure import _structure_child; "
                            "_structure_child()"], input=request, capture_output=True, text=True,
                           env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("STRUCTURE ")]

@@ -1,11 +1,11 @@
 """What each Ray Train worker runs: :class:`TrainRecipe`, read top to bottom.
 
 ``setup`` prepares the process (threads, seed, compute dtype), the schedule of stages, the state
-resumed from Ray Train's newest intact checkpoint (:mod:`llamapro.train.resume`: validated against
+resumed from Ray Train's newest intact checkpoint (:mod:`llamapro.training.resume`: validated against
 its manifests, never unpickled) and the data; ``train`` runs the stages: for each, the
 model is loaded afresh with the carried trained tensors, only the stage's parameters are handed to
 DeepSpeed, and the steps run with held-out evaluation, early stopping and periodic checkpoints;
-after the last stage rank 0 writes the HF checkpoint (:mod:`llamapro.train.output`); ``cleanup``
+after the last stage rank 0 writes the HF checkpoint (:mod:`llamapro.training.output`); ``cleanup``
 removes the resumed checkpoint's local copy. ``train_loop`` is the function Ray Train calls.
 """
 
@@ -27,39 +27,39 @@ from llamapro import storage
 from llamapro.config import from_dict
 from llamapro.config.train import TrainConfig
 from llamapro.errors import CheckpointError
-from llamapro.expand.surgery import skip_layers
+from llamapro.expansion.surgery import skip_layers
 from llamapro.jsonl import append_record
-from llamapro.train.loss import (
+from llamapro.training.loss import (
     causal_lm_ce_sum,
     kl_to_teacher,
     masked_ce_sum,
     supports_chunked_loss,
 )
-from llamapro.train.memory import lean_malloc, peak_rss, rss
-from llamapro.train.model import (
+from llamapro.training.memory import lean_malloc, peak_rss, rss
+from llamapro.training.model import (
     gather_trainable,
     load_model,
     overlay_trained,
     uses_lora,
     wrap_lora,
 )
-from llamapro.train.optim import build_ds_config, lr_lambda, optimizer_state_numel
-from llamapro.train.output import write_final
-from llamapro.train.params import (
+from llamapro.training.optim import build_ds_config, lr_lambda, optimizer_state_numel
+from llamapro.training.output import write_final
+from llamapro.training.params import (
     apply_checkpointing,
     fp32_trainable,
     hold_frozen_in,
     select_parameters,
 )
-from llamapro.train.precision import agree_across_workers, resolve_dtype
-from llamapro.train.resume import (
+from llamapro.training.precision import agree_across_workers, resolve_dtype
+from llamapro.training.resume import (
     STATE_FILE,
     TRAINED_FILE,
     deepspeed_safe_loading,
     resume_from_ray,
     write_manifest,
 )
-from llamapro.train.stages import allocate, build_stages
+from llamapro.training.stages import allocate, build_stages
 
 
 class _Batches:

@@ -21,7 +21,7 @@ from llamapro.artifacts import (
 )
 from llamapro.config.train import TrainConfig
 from llamapro.tensors import atomic_dir, copy_side_files
-from llamapro.train.model import load_model, overlay_trained, uses_lora, wrap_lora
+from llamapro.training.model import load_model, overlay_trained, uses_lora, wrap_lora
 
 
 def write_final(config: dict, tc: TrainConfig, trained: dict, state: dict, stages,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from llamapro.artifacts import require_metadata, write_metadata
 from llamapro.errors import CheckpointError, IdentityError, UnprovenError
-from llamapro.expand.resolve import resolve_local
+from llamapro.expansion.resolve import resolve_local
 from llamapro.loading import has_tokenizer, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def verify_checkpoint(expanded: str, base: str | None = None, prompts=DEFAULT_PR
     """
     import torch
 
-    from llamapro.expand.surgery import check_identity  # imports torch
+    from llamapro.expansion.surgery import check_identity  # imports torch
 
     exp_dir = Path(expanded)
     meta = require_metadata(exp_dir)

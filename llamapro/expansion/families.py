@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 
 from llamapro.errors import UnsupportedModelError  # noqa: F401  (raised here; old import path)
-from llamapro.expand.strategies import Placement
+from llamapro.expansion.strategies import Placement
 
 _LLAMA_LIKE = ("self_attn.o_proj", "mlp.down_proj")
 

@@ -11,8 +11,8 @@ from llamapro import storage
 from llamapro.artifacts import METADATA_FILE, read_metadata
 from llamapro.config.train import TrainConfig
 from llamapro.errors import TrainingError
-from llamapro.expand.api import require_proven
-from llamapro.train.worker import train_loop
+from llamapro.expansion.api import require_proven
+from llamapro.training.worker import train_loop
 
 
 def _training_failure(e, tc: TrainConfig, storage_dir: str, name: str) -> str:

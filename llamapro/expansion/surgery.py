@@ -1,6 +1,6 @@
 """Block expansion on a loaded model (module surgery), and the numerical proof of identity.
 
-The streaming path in :mod:`llamapro.expand.streaming` does the same on disk without loading the
+The streaming path in :mod:`llamapro.expansion.streaming` does the same on disk without loading the
 model; a test holds the two to byte-identical tensors. Imports torch, never ray or deepspeed.
 """
 
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from llamapro.errors import UnsupportedModelError
-from llamapro.expand.families import Family, expand_config, family_for, writer_param_names
-from llamapro.expand.strategies import Placement
+from llamapro.expansion.families import Family, expand_config, family_for, writer_param_names
+from llamapro.expansion.strategies import Placement
 
 
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

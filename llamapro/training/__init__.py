@@ -1,16 +1,16 @@
 """Training the inserted blocks on Ray Train + DeepSpeed: staged unfreezing, distillation, LoRA,
-bf16 compute where it is native (and a QLoRA-style quantized base, :mod:`llamapro.train.quantize`).
+bf16 compute where it is native (and a QLoRA-style quantized base, :mod:`llamapro.training.quantize`).
 
-Read in this order: :mod:`~llamapro.train.driver` (``run_training`` builds the ``TorchTrainer``),
-:mod:`~llamapro.train.worker` (``TrainRecipe``: what each worker runs, top to bottom), and the parts
-it uses: :mod:`~llamapro.train.stages` (the schedule), :mod:`~llamapro.train.params` (which
-parameters train and in which dtype), :mod:`~llamapro.train.model` (load, LoRA, carried tensors),
-:mod:`~llamapro.train.optim` (DeepSpeed config, LR schedule), :mod:`~llamapro.train.loss`,
-:mod:`~llamapro.train.precision` (compute dtype), :mod:`~llamapro.train.memory`,
-:mod:`~llamapro.train.output` (the trained HF checkpoint). Only this package imports ``ray.train``
+Read in this order: :mod:`~llamapro.training.driver` (``run_training`` builds the ``TorchTrainer``),
+:mod:`~llamapro.training.worker` (``TrainRecipe``: what each worker runs, top to bottom), and the parts
+it uses: :mod:`~llamapro.training.stages` (the schedule), :mod:`~llamapro.training.params` (which
+parameters train and in which dtype), :mod:`~llamapro.training.model` (load, LoRA, carried tensors),
+:mod:`~llamapro.training.optim` (DeepSpeed config, LR schedule), :mod:`~llamapro.training.loss`,
+:mod:`~llamapro.training.precision` (compute dtype), :mod:`~llamapro.training.memory`,
+:mod:`~llamapro.training.output` (the trained HF checkpoint). Only this package imports ``ray.train``
 and ``deepspeed``.
 
-This module is a lazy facade: ``from llamapro.train import run_training`` loads only what it needs.
+This module is a lazy facade: ``from llamapro.training import run_training`` loads only what it needs.
 """
 
 from __future__ import annotations

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from llamapro.artifacts import write_metadata
 from llamapro.errors import CheckpointError, IdentityError, UnprovenError  # noqa: F401
-from llamapro.expand.families import expand_config, family_for, num_layers_of
-from llamapro.expand.proof import DEFAULT_PROMPTS, require_proven, verify_checkpoint  # noqa: F401
-from llamapro.expand.resolve import resolve_local  # noqa: F401
-from llamapro.expand.strategies import plan
-from llamapro.expand.streaming import stream_expand, stream_strip
-from llamapro.expand.structure import check_structure_isolated
+from llamapro.expansion.families import expand_config, family_for, num_layers_of
+from llamapro.expansion.proof import DEFAULT_PROMPTS, require_proven, verify_checkpoint  # noqa: F401
+from llamapro.expansion.resolve import resolve_local  # noqa: F401
+from llamapro.expansion.strategies import plan
+from llamapro.expansion.streaming import stream_expand, stream_strip
+from llamapro.expansion.structure import check_structure_isolated
 from llamapro.tensors import read_config, tensor_table
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llamapro.artifacts import METADATA_VERSION, read_metadata, require_metadata, write_metadata
 from llamapro.errors import CheckpointError, UnsupportedModelError
-from llamapro.expand.families import (
+from llamapro.expansion.families import (
     Family,
     expand_config,
     family_for,
@@ -26,7 +26,7 @@ from llamapro.expand.families import (
     split_layer_key,
     strip_config,
 )
-from llamapro.expand.strategies import Placement
+from llamapro.expansion.strategies import Placement
 from llamapro.tensors import (
     CHUNK,
     INDEX_FILE,

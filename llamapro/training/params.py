@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from llamapro.config.train import TrainConfig
-from llamapro.expand.surgery import find_layers
+from llamapro.expansion.surgery import find_layers
 from llamapro.tensors import weight_files
 
 

@@ -17,12 +17,12 @@ One job per module, bottom to top:
 Importing this package is cheap (no torch, no ray); ``surgery`` imports torch.
 """
 
-from llamapro.expand.api import dumps, expand, strip, summary
-from llamapro.expand.families import Family, family_for, supported_model_types
-from llamapro.expand.proof import DEFAULT_PROMPTS, require_proven, verify_checkpoint
-from llamapro.expand.resolve import resolve_local
-from llamapro.expand.strategies import STRATEGIES, Placement, PlacementError, plan, validate_positions
-from llamapro.expand.streaming import generation_lineage, stream_expand, stream_strip
+from llamapro.expansion.api import dumps, expand, strip, summary
+from llamapro.expansion.families import Family, family_for, supported_model_types
+from llamapro.expansion.proof import DEFAULT_PROMPTS, require_proven, verify_checkpoint
+from llamapro.expansion.resolve import resolve_local
+from llamapro.expansion.strategies import STRATEGIES, Placement, PlacementError, plan, validate_positions
+from llamapro.expansion.streaming import generation_lineage, stream_expand, stream_strip
 
 __all__ = [
     "DEFAULT_PROMPTS", "STRATEGIES", "Family", "Placement", "PlacementError", "dumps", "expand",

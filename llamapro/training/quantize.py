@@ -1,7 +1,7 @@
 """QLoRA-style training of the new blocks on a quantized base (``nf4`` or ``int8``), selected by
 ``train.quantize_base`` (:class:`~llamapro.config.train.TrainConfig` validates it; the worker loads
-through :func:`llamapro.train.model.load_model`, and the run's output is written in full precision
-by :mod:`llamapro.train.output` like any other run's).
+through :func:`llamapro.training.model.load_model`, and the run's output is written in full precision
+by :mod:`llamapro.training.output` like any other run's).
 
 The frozen ORIGINAL layers are loaded quantized with bitsandbytes (4-bit NF4 or LLM.int8; its
 0.50 release runs both on x86-64 CPUs), while the inserted blocks stay in full precision and are

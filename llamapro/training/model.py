@@ -9,7 +9,7 @@ import torch
 
 from llamapro import loading
 from llamapro.config.train import TrainConfig
-from llamapro.train.quantize import load_quantized_base
+from llamapro.training.quantize import load_quantized_base
 
 
 def load_model(model_dir: str, dtype, trust_remote_code: bool = False, quantize_base: str = "none",
@@ -18,7 +18,7 @@ def load_model(model_dir: str, dtype, trust_remote_code: bool = False, quantize_
     only; the recipe switches it to train mode).
 
     ``quantize_base`` nf4/int8 (``train.quantize_base``): the original layers' Linear weights are
-    held quantized by bitsandbytes (:func:`~llamapro.train.quantize.load_quantized_base`, computing
+    held quantized by bitsandbytes (:func:`~llamapro.training.quantize.load_quantized_base`, computing
     in ``dtype``, on the worker's GPU when it has one); ``new_layers`` (default: the checkpoint's
     ``llamapro.json``) stay unquantized in ``dtype`` and trainable; the embeddings, norms and head
     stay unquantized in ``dtype``, frozen."""
