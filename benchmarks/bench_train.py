@@ -11,8 +11,9 @@ CPU default), the same number of steps, median of steps 3..N, peak RSS of the pr
 
 Every row is one ``llamapro.training.run_training`` call (a Ray Train worker, a DeepSpeed ZeRO engine,
 packed blocks from the Ray Data pipeline over the demo corpora) on SmolLM2-135M-Instruct expanded
-30 -> 36 layers (6 new blocks), batch 4 x 256 tokens, the settings of the peer figures in
-DESIGN.md. Rows (levers added one at a time, then variants):
+30 -> 36 layers (6 new blocks), batch 4 x 256 tokens, the settings the peers run with
+(LLaMA-Factory and ms-swift, timed side by side in the same invocation).
+Rows (levers added one at a time, then variants):
 
   naive      new blocks only; plain HF loss on full logits, no checkpointing, glibc's default heap
   +chunked   + chunked loss with its gradient made in the same pass (no full-vocabulary logits)

@@ -60,7 +60,7 @@ class TrainConfig:
     """Also train an untied lm_head."""
     original_lr: float = 0.0
     """LR for the original layers in mode llamapro: 0 keeps them frozen (bit-identical);
-    <= 1e-6 is the seeds' "micro-adjustment"."""
+    <= 1e-6 is a "micro-adjustment" of the originals after the new blocks have learned."""
 
     lr: float = 5e-5
     """Peak LR of the new blocks (LLaMA-Pro practice for long runs: 2e-5..5e-5)."""
@@ -178,7 +178,7 @@ class TrainConfig:
         if self.lr <= 0:
             bad("lr", f"must be > 0, got {self.lr}")
         if not 0 <= self.original_lr <= 1e-4:
-            bad("original_lr", f"must be in [0, 1e-4] (the seeds use <= 1e-6), got {self.original_lr}")
+            bad("original_lr", f"must be in [0, 1e-4] (a micro-adjustment is <= 1e-6), got {self.original_lr}")
         if self.final_originals_ratio > 0 and self.original_lr <= 0:
             bad("final_originals_ratio", "needs train.original_lr > 0 (the LR the originals train at)")
         if not 0 <= self.warmup_ratio < 1:

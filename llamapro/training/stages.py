@@ -5,7 +5,7 @@ trains group ``k`` (or groups ``0..k`` when cumulative), each group at ``lr * sc
 scale rises linearly from 1 at the bottom group to ``top_lr_scale`` at the top one (upper blocks
 may learn faster: "top ~2x bottom"). Each stage gets its share of the token budget
 (``stage_ratios``) and may stop early on held-out loss. An optional final stage also trains the
-original layers at a tiny LR (the seeds' "micro-adjustment").
+original layers at a tiny LR (a "micro-adjustment").
 
 A single stage over all new blocks is the plain LLaMA-Pro recipe.
 """
