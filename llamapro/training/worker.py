@@ -180,8 +180,8 @@ class TrainRecipe:
                 self.say(f"WARNING: skipping checkpoint {source}: {why}")
             append_record(self.metrics_path, {"event": "resume", "step": state["global_step"],
                                               "stage": state["stage"], "checkpoint": resumed.source})
-            self.say(f"resuming from {resumed.source} at stage {state['stage']} step "
-                     f"{state['step_in_stage']} (global step {state['global_step']})")
+            self.say(f"resuming at stage {state['stage']} step {state['step_in_stage']} "
+                     f"(global step {state['global_step']}) from {resumed.source}")
 
     def setup_data(self) -> None:
         import ray.train
