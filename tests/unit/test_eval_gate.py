@@ -123,10 +123,30 @@ def test_bad_prompt_file_names_the_line(tmp_path):
 
 
 def test_lm_eval_hook_reports_clearly_when_missing(tmp_path):
-    if lm_eval_available():
-        pytest.skip("lm_eval is installed here")
-    with pytest.raises(LmEvalUnavailable, match="pip install lm-eval"):
-        require_lm_eval()
+    """Runs on every machine: where lm_eval is installed, a child process in which it cannot be
+    imported (``sys.modules['lm_eval'] = None``, as on a machine without it) gets the clear error."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['lm_eval'] = None  # Python's own marker: importing it fails, find_spec is None\n"
+        "from llamapro.eval.harness import lm_eval_available, require_lm_eval\n"
+        "from llamapro.errors import LmEvalUnavailable\n"
+        "assert not lm_eval_available()\n"
+        "try:\n"
+        "    require_lm_eval()\n"
+        "except LmEvalUnavailable as e:\n"
+        "    print(e)\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+    )
+    if not lm_eval_available():  # the real absence, in this process too
+        with pytest.raises(LmEvalUnavailable, match="pip install lm-eval"):
+            require_lm_eval()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "pip install lm-eval" in r.stdout and "eval.lm_eval.enabled=false" in r.stdout
 
 
 # --- real evaluation on tiny models ---------------------------------------------------------------
