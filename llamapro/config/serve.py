@@ -20,6 +20,7 @@ from llamapro.config.loader import from_dict
 from llamapro.errors import ConfigError
 
 ENGINES = ("auto", "transformers", "vllm")
+APP_ENGINES = ("llamapro", "ray-llm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -304,6 +305,14 @@ class ServeConfig:
     """URL prefix of this app; the OpenAI routes are under ``{route_prefix}v1``."""
     served_model_name: str = "llamapro"
     """The alias clients use for "whatever the canary picks"; requests without ``model`` get it too."""
+    engine: str = "llamapro"
+    """Which application serves: ``llamapro`` (llamapro's own ingress and one deployment per model,
+    each with its model's ``engine``; the CPU path) or ``ray-llm`` (Ray Serve LLM: vLLM engines
+    from ``ray.serve.llm`` behind llamapro's API key, limits and canary weights,
+    ``llamapro.serve.llm``). ray-llm needs vLLM and a CUDA GPU in the cluster and is refused
+    without them; it serves no packs, and each model's ``max_context`` (0: the model's own),
+    ``max_batch_size``, autoscaling min/max replicas, ``dtype`` and ``vllm`` keys configure its
+    vLLM engine."""
     api_key_env: str = ""
     """Name of an environment variable holding the API key (e.g. LLAMAPRO_API_KEY), read by the
     ingress replica; when set, every /v1 request needs ``Authorization: Bearer <key>``. The key is
@@ -325,6 +334,8 @@ class ServeConfig:
             raise ConfigError(f"serve.port={self.port}: must be in 1..65535")
         if not self.route_prefix.startswith("/"):
             raise ConfigError(f"serve.route_prefix={self.route_prefix!r}: must start with '/'")
+        if self.engine not in APP_ENGINES:
+            raise ConfigError(f"serve.engine={self.engine!r}: choose one of {', '.join(APP_ENGINES)}")
         if self.api_key_env and self.api_key_file:
             raise ConfigError("serve.api_key_env and serve.api_key_file: set at most one")
         if self.api_key_env and not _ENV_RE.match(self.api_key_env):
@@ -365,6 +376,16 @@ class ServeConfig:
                                       "model, another pack or serve.served_model_name); clients "
                                       "select a pack by its name, so names must be unique")
                 seen.add(pname)
+        if self.engine == "ray-llm":
+            for name, m in models.items():
+                if m.packs:
+                    raise ConfigError(f"serve.models.{name}.packs: serve.engine=ray-llm serves no "
+                                      "packs; apply them (`llamapro apply`) and serve the result as "
+                                      "a model, or use serve.engine: llamapro")
+                if m.engine == "transformers" or m.device == "cpu":
+                    raise ConfigError(f"serve.models.{name}: engine transformers / device cpu "
+                                      "contradicts serve.engine=ray-llm (vLLM on a GPU); use "
+                                      "serve.engine: llamapro for the transformers engine")
         names = list(self.routes())
         unknown = sorted(set(self.canary.weights) - set(names))
         if unknown:
