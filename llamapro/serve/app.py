@@ -85,6 +85,8 @@ def _model_spec(cfg: ServeConfig, name: str) -> dict:
 def static_args(cfg: ServeConfig) -> dict:
     """``build_app`` args of the declarative config: the config minus its live keys."""
     d = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if d.get("engine") == "llamapro":  # the default: deploy configs (and code versions) as before
+        d.pop("engine")
     for k in _LIVE_TOP:
         d.pop(k, None)
     for m in d["models"].values():
@@ -125,8 +127,12 @@ def serve_deploy_config(cfg: ServeConfig, runtime_env: dict | None = None) -> di
 
     Edits to ``deployments[].user_config`` / ``autoscaling_config`` / queue limits are applied in place;
     edits to ``args`` rebuild the app (replicas restart, rolling)."""
-    app = {"name": cfg.app_name, "route_prefix": cfg.route_prefix, "import_path": IMPORT_PATH,
-           "args": static_args(cfg), "deployments": deployment_overrides(cfg)}
+    if cfg.engine == "ray-llm":  # Ray Serve LLM names its own deployments: the whole section is args
+        app = {"name": cfg.app_name, "route_prefix": cfg.route_prefix, "import_path": IMPORT_PATH,
+               "args": {"serve": json.loads(json.dumps(dataclasses.asdict(cfg)))}}
+    else:
+        app = {"name": cfg.app_name, "route_prefix": cfg.route_prefix, "import_path": IMPORT_PATH,
+               "args": static_args(cfg), "deployments": deployment_overrides(cfg)}
     runtime_env = strip_secrets(runtime_env, cfg)
     if runtime_env:
         app["runtime_env"] = runtime_env
@@ -171,7 +177,13 @@ def build_app(args: dict | None = None):
 
 
 def app_from_config(cfg: ServeConfig):
-    """The bound Serve application for a validated config."""
+    """The bound Serve application for a validated config (``serve.engine: ray-llm``: Ray Serve
+    LLM's, built by :func:`llamapro.serve.llm.app_from_serve_config`, which refuses without vLLM
+    and a GPU)."""
+    if cfg.engine == "ray-llm":
+        from llamapro.serve.llm import app_from_serve_config
+
+        return app_from_serve_config(cfg)
     from ray.serve.config import BackpressureConfig
 
     def opts(d: dict) -> dict:

@@ -24,6 +24,10 @@ def deploy(cfg: ServeConfig, runtime_env: dict | None = None, wait_s: float = 60
     from ray.serve._private import api as serve_private
     from ray.serve.schema import ServeDeploySchema
 
+    if cfg.engine == "ray-llm":  # refused here (exit 2, nothing deployed), not as a failed deploy
+        from llamapro.serve.llm import require_ray_llm
+
+        require_ray_llm()
     conf = serve_deploy_config(cfg, runtime_env)
     key = os.environ.get(cfg.api_key_env, "").strip() if cfg.api_key_env else ""
     if key and key in json.dumps(conf):  # e.g. pasted into a model path or a non-secret-named var
