@@ -1,7 +1,7 @@
 """Training speed and memory: the product's real training path, lever by lever, beside full FT and
 beside the peers (LLaMA-Factory, ms-swift) run in the same invocation.
 
-    python benchmarks/bench_train.py --only default,fp32,fast,2x1,full --peers lf_freeze,swift_llamapro
+    python benchmarks/bench_train.py --only default,eager,fp32,full --peers lf_freeze,swift_llamapro
     python benchmarks/bench_train.py --only default,full --peers ""   # just the headline pair
     python benchmarks/bench_train.py --steps 10 --json out.json
 
@@ -19,7 +19,9 @@ Rows (levers added one at a time, then variants):
   +chunked   + chunked loss with its gradient made in the same pass (no full-vocabulary logits)
   +malloc    + large allocations from mmap (freed activations go back to the OS)
   default    the shipped defaults: dtype auto (bf16 where the CPU has it natively), checkpointing
-             auto (none in bf16; in fp32 the frozen layers above the lowest new block), lean_malloc
+             auto (none in bf16; in fp32 the frozen layers above the lowest new block), lean_malloc,
+             compile auto (in bf16 with >= 16 steps: the decoder layers compiled in place)
+  eager      the default without compilation (train.compile: off)
   ckpt-all   checkpointing of every layer from the lowest new block up, instead
   heap       the default with glibc's default heap (lean_malloc off): faster, fragmented
   heap-all   heap + checkpointing of every layer from the lowest new block up
@@ -66,6 +68,7 @@ ROWS = {
     "+chunked": dict(chunked_loss=True, lean_malloc=False, gradient_checkpointing="off"),
     "+malloc": dict(chunked_loss=True, lean_malloc=True, gradient_checkpointing="off"),
     "default": dict(),
+    "eager": dict(compile="off"),
     "heap": dict(lean_malloc=False),
     "heap-all": dict(lean_malloc=False, gradient_checkpointing="all"),
     "heap-off": dict(lean_malloc=False, gradient_checkpointing="off"),
@@ -166,7 +169,8 @@ class _Sampler(threading.Thread):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16,
+                    help="optimizer steps per row (>= 16: train.compile auto compiles from 16 steps)")
     ap.add_argument("--only", default=",".join(ROWS), help="comma-separated rows to run")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -241,10 +245,12 @@ def main() -> None:
                      "tree_peak_gb": sampler.peak / 1e9, "losses": [e["loss"] for e in st],
                      "trainable_m": start["trainable_params"] / 1e6, "wall_s": wall,
                      "checkpointed_layers": len(start.get("checkpointed_layers", [])),
+                     "compiled": (start.get("compile") or {}).get("on"), "first_step_s": st[0]["step_s"],
                      "chunked_loss": start.get("chunked_loss")}
         r = rows[row]
         print(f"[bench] {row}: {r['step_s']:.2f} s/step {r['tokens_per_s']:.0f} tok/s "
-              f"worker {r['worker_peak_gb']:.2f} GB tree {r['tree_peak_gb']:.2f} GB", flush=True)
+              f"worker {r['worker_peak_gb']:.2f} GB tree {r['tree_peak_gb']:.2f} GB "
+              f"compiled {r['compiled']} (first step {r['first_step_s']:.1f} s)", flush=True)
     ray.shutdown()
 
     ref = rows.get("naive", {}).get("losses")

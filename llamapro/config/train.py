@@ -94,6 +94,12 @@ class TrainConfig:
     lean_malloc: bool = True
     """Linux/glibc: serve large allocations from mmap so freed activations go back to the OS
     instead of staying in the process's heap (peak RSS), at a small page-fault cost."""
+    compile: str = "auto"
+    """Regional torch.compile of the decoder layers (llamapro/training/compile.py). auto: on where
+    measured to pay (bf16 autocast, a model of >= 50M parameters, >= 16 optimizer steps; not with
+    ZeRO-3, LoRA, a quantized base, distillation or activation checkpointing); on / off force it
+    (on still runs eagerly where it cannot apply, and says why). The first step pays the
+    compilation: ~45 s with a cold inductor cache, a few seconds once it is warm."""
     dtype: str = "auto"
     """Compute dtype. auto: bf16 where the device computes it natively (a CUDA GPU with bf16; a CPU
     whose oneDNN has bf16 kernels and where a short timed matmul probe at start shows bf16 at least
@@ -193,6 +199,10 @@ class TrainConfig:
             bad("max_grad_norm", "must be >= 0")
         if self.distill_weight < 0 or self.distill_temperature <= 0:
             bad("distill_weight", "must be >= 0 with distill_temperature > 0")
+        comp = str(self.compile).lower()
+        self.compile = {"true": "on", "false": "off"}.get(comp, comp)
+        if self.compile not in ("auto", "on", "off"):
+            bad("compile", f"use auto, on or off, got {self.compile!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             bad("dtype", f"use auto, float32 or bfloat16, got {self.dtype!r}")
         if self.mode != "llamapro" and (self.num_stages > 1 or self.lora_new_blocks or self.distill_weight):

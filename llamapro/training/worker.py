@@ -29,6 +29,7 @@ from llamapro.config.train import TrainConfig
 from llamapro.errors import CheckpointError
 from llamapro.expansion.surgery import skip_layers
 from llamapro.jsonl import append_record
+from llamapro.training.compile import compile_choice, compile_layers, eager
 from llamapro.training.loss import (
     causal_lm_ce_sum,
     kl_to_teacher,
@@ -236,6 +237,14 @@ class TrainRecipe:
         self.checkpointed = apply_checkpointing(model, checkpointing)
         self.chunked = (tc.chunked_loss and tc.zero_stage < 3 and tc.distill_weight == 0
                         and supports_chunked_loss(model))
+        on, why = compile_choice(
+            tc.compile, bf16_autocast=self.bf16 and not self.ds_bf16, zero3=tc.zero_stage == 3, lora=lora,
+            quantized=tc.quantize_base != "none", distill=tc.distill_weight > 0, checkpointing=checkpointing,
+            n_params=sum(p.numel() for p in model.parameters()),
+            total_steps=sum(s.steps for s in self.stages))
+        if on:
+            compile_layers(model)
+        self.compiled = {"on": on, "reason": why}
         return model, groups
 
     def setup_engine(self, model, groups, stage, k: int):
@@ -276,12 +285,13 @@ class TrainRecipe:
         self.say(f"stage {k + 1}/{len(self.stages)} {stage.name}: layers "
                  f"{stage.layers if tc.mode == 'llamapro' else tc.mode} "
                  f"trainable {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M params, {stage.steps} steps, "
-                 f"ZeRO-{tc.zero_stage}")
+                 f"ZeRO-{tc.zero_stage}, compiled layers: {'yes' if self.compiled['on'] else 'no'} "
+                 f"({self.compiled['reason']})")
         self.log({"event": "stage_start", "stage": k, "name": stage.name, "layers": stage.layers,
                   "steps": stage.steps, "trainable_params": n_train, "total_params": n_all,
                   "optimizer_groups": group_sizes, "checkpointing": self.checkpointing,
                   "quantized_base": getattr(model, "llamapro_quantized", None),
-                  "checkpointed_layers": self.checkpointed,
+                  "checkpointed_layers": self.checkpointed, "compile": self.compiled,
                   "chunked_loss": self.chunked, "zero_stage": engine.zero_optimization_stage(),
                   "dtype": self.dtype_info, "rss_at_start_bytes": self.rss_at_start, "rss_bytes": rss(),
                   "peak_rss_bytes": peak_rss()})
@@ -366,7 +376,7 @@ class TrainRecipe:
         tc, rank, world = self.tc, self.rank, self.world
         engine.module.eval()
         out = {}
-        with torch.no_grad():
+        with torch.no_grad(), eager():
             for name, (ids, labels) in self.eval_sets.items():
                 # rows dealt round-robin: a set with fewer rows than workers is still scored whole
                 # (contiguous shares of len // world rows gave every rank none, and a loss of 0.0)
