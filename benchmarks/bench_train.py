@@ -34,6 +34,8 @@ Rows (levers added one at a time, then variants):
              what ZeRO-3 uses) instead of autocast over fp32 trainable blocks
   2x1        the default on 2 workers x 1 thread instead of 1 worker x 2 threads
   full       full fine-tuning of the same 36-layer model (every parameter), shipped defaults
+  no-ray     the default row's step (same recipe, same DeepSpeed engine at ZeRO-0) in one process
+             outside Ray (benchmarks/train_outside_ray.py): default - no-ray = the Ray Train path's cost
 
 Printed per row: median step time (steps 3..N), tokens/s, the training worker's peak RSS (its
 ``ru_maxrss``, summed over workers: the process that holds the model, what the peer figures
@@ -82,6 +84,7 @@ ROWS = {
     "ds-bf16": dict(dtype="bfloat16", zero_stage=3),
     "2x1": dict(num_workers=2, cpus_per_worker=1),
     "full": dict(mode="full"),
+    "no-ray": {},  # the default's step outside Ray (benchmarks/train_outside_ray.py)
 }
 PEER_RUNS = {"lf_freeze": "LLaMA-Factory", "swift_llamapro": "ms-swift", "lf_full": "LLaMA-Factory full"}
 
@@ -156,6 +159,26 @@ def _tree_pss(root: int) -> int:
     return total
 
 
+def _outside_ray(exp: Path, steps: int, work: Path) -> dict:
+    """The ``no-ray`` row: the default's step in a plain process (peak RSS is that process's)."""
+    import subprocess
+
+    out = work / f"no-ray-{time.time_ns()}.json"
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("train_outside_ray.py")), "--model", str(exp),
+                        "--steps", str(steps), "--json", str(out)], capture_output=True, text=True)
+    if r.returncode != 0 or not out.is_file():
+        print(f"[bench] no-ray: FAILED ({r.stderr[-500:]})", flush=True)
+        return {}
+    res = json.loads(out.read_text())
+    res.update(tree_peak_gb=float("nan"), trainable_m=21.240576, wall_s=time.perf_counter() - t0,
+               checkpointed_layers=0, data_s=0.0)
+    print(f"[bench] no-ray: {res['step_s']:.2f} s/step {res['tokens_per_s']:.0f} tok/s "
+          f"worker {res['worker_peak_gb']:.2f} GB compiled {res['compiled']} "
+          f"(first step {res['first_step_s']:.1f} s)", flush=True)
+    return res
+
+
 class _Sampler(threading.Thread):
     def __init__(self):
         super().__init__(daemon=True)
@@ -215,6 +238,11 @@ def main() -> None:
 
     rows = {}
     for row in only:
+        if row == "no-ray":
+            res = _outside_ray(exp, a.steps, work)
+            if res:
+                rows[row] = res
+            continue
         kw = {**BASE, **ROWS[row]}
         kw.setdefault("num_workers", 1)
         kw.setdefault("cpus_per_worker", 2)
@@ -275,6 +303,8 @@ def main() -> None:
     if "default" in rows:
         d = rows["default"]
         for name, r in rows.items():
+            if name == "no-ray":  # not a product configuration
+                continue
             if lf and sw and r["tokens_per_s"] >= 1.3 * lf["tokens_per_s"] and \
                     r["worker_peak_gb"] <= sw["worker_peak_gb"]:
                 verdicts[f"{name}: >= 1.3x LLaMA-Factory tok/s at <= ms-swift's worker peak"] = True
