@@ -314,6 +314,10 @@ def serve_smoke(cfg, export_dir: Path, base_dir: str) -> dict:
 
     from llamapro.serve import chat_once, deploy, serve_config_from_dict
 
+    sink = runtime.active_log_file()
+    if sink is not None:  # Serve's own logger (configured when ray.serve is imported) into the file
+        sink.refresh_loggers()
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

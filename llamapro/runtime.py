@@ -4,14 +4,28 @@ Inside a Ray job (``RAY_ADDRESS`` set) or given an ``address``, the driver joins
 otherwise it starts a local one sized by the caller. Authentication is Ray's own: a cluster started
 with ``RAY_AUTH_MODE=token`` is joined with the token in ``RAY_AUTH_TOKEN`` (or Ray's token file),
 read by ``ray.init`` from the environment; nothing here handles tokens.
+
+``ray_log_file(path)`` keeps Ray's own output off the user's screen while a command runs: Ray's
+driver logs, the workers' stdout/stderr that Ray forwards to the driver, and Ray Data's execution
+lines go to ``path`` (a command puts it at ``RUN/logs/ray.log``); Ray Data's progress bars are
+turned off. Errors of Ray's loggers still reach the screen, and the product's own lines (a worker's
+lines that start ``[llamapro]``) are echoed to stdout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import threading
+import time
+from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+PRODUCT_MARK = "[llamapro] "
+"""What starts a worker line that is the product's own (``TrainRecipe.say``): echoed to the screen."""
 
 
 def spare_cpus() -> int:
@@ -46,6 +60,8 @@ def ensure_ray(purpose: str, *, num_cpus: int | None = None, resources: dict | N
     import ray
 
     if ray.is_initialized():
+        if _SINK is not None:  # e.g. started implicitly by a Ray Data call
+            _SINK.attach_workers()
         return False
     if quiet_data:
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -72,6 +88,8 @@ def ensure_ray(purpose: str, *, num_cpus: int | None = None, resources: dict | N
             _init_publishing_address(ray, local)
         else:
             ray.init(**local)
+    if _SINK is not None:  # a command's log file: the workers' forwarded lines go there from now on
+        _SINK.attach_workers()
     if quiet_data:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
@@ -101,3 +119,202 @@ def _init_publishing_address(ray, kw: dict) -> str:
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = old
     return ray.get_runtime_context().gcs_address
+
+
+# --- Ray's own output into a log file ---------------------------------------------------------------
+
+_SINK: RayLogFile | None = None
+
+
+def active_log_file() -> RayLogFile | None:
+    """The log file a command installed with :func:`ray_log_file`, or None (library use, tests)."""
+    return _SINK
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class RayLogFile:
+    """Where Ray's output goes while a command runs (see :func:`ray_log_file`)."""
+
+    def __init__(self, path, verbose: bool = False, echo=_say):
+        self.path, self.verbose, self.echo = Path(path), verbose, echo
+        self.quiet: tuple[str, ...] = ()  # product lines the driver prints itself (its progress)
+        self._lock = threading.Lock()
+        self._f = None
+        self._undo: list = []
+        self._dispatcher = None
+        self._recent: dict = {}
+        self._fh = None
+
+    # what goes where ----------------------------------------------------------------------------
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            if self._f is not None:
+                self._f.write(text if text.endswith("\n") else text + "\n")
+                self._f.flush()
+
+    def worker_lines(self, data: dict) -> None:
+        """One batch of a worker's forwarded stdout/stderr (the dict Ray's log monitor publishes):
+        every line to the file; the product's own lines (``[llamapro] ...``) also to the screen,
+        except those the driver prints itself (``quiet``); Ray's progress-bar updates nowhere."""
+        try:
+            from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+        except ImportError:  # pragma: no cover - older Ray
+            RAY_TQDM_MAGIC = "__ray_tqdm_magic_token__"
+        who = data.get("actor_name") or data.get("task_name") or ""
+        ip = data.get("ip")
+        where = f"({who + ' ' if who else ''}pid={data.get('pid')}"
+        where += f", ip={ip})" if ip and ip != data.get("localhost") else ")"
+        stream = " stderr" if data.get("is_err") else ""
+        out = []
+        for line in data.get("lines") or []:
+            if RAY_TQDM_MAGIC in line:
+                continue
+            out.append(f"{time.strftime('%H:%M:%S')} {where}{stream} {line}")
+            i = line.find(PRODUCT_MARK)
+            if i >= 0 and not self.verbose:
+                msg = line[i + len(PRODUCT_MARK):]
+                if not (self.quiet and msg.startswith(self.quiet)) and self._first_time(data.get("pid"), msg):
+                    self.echo(f"      {msg}")
+        if out:
+            self.write("\n".join(out))
+
+    def _first_time(self, pid, msg: str, within_s: float = 30.0) -> bool:
+        """False for a line the same worker said moments ago: Ray Train also sends a worker's
+        ``print`` through its logger to stderr, so each product line arrives twice."""
+        now = time.monotonic()
+        key = (pid, msg)
+        if now - self._recent.get(key, -within_s) < within_s:
+            return False
+        if len(self._recent) > 512:
+            self._recent = {k: t for k, t in self._recent.items() if now - t < within_s}
+        self._recent[key] = now
+        return True
+
+    # install / remove ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8", buffering=1)
+        self.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv) or 'llamapro'} "
+                   f"(pid {os.getpid()})")
+        self._install_loggers()
+        import ray
+
+        if ray.is_initialized():
+            self.attach_workers()
+
+    def _install_loggers(self) -> None:
+        """Ray's loggers (``ray`` and those that do not hand records up to it, such as
+        ``ray.data``): a handler into the file; their console handlers keep only errors (Ray's
+        warnings, e.g. that progress bars are off or that token authentication is on, are for
+        the file)."""
+        import ray  # noqa: F401  (configures the "ray" logger)
+
+        try:
+            import ray.data  # noqa: F401  (configures "ray.data"; its logs are wanted in the file)
+            ctx = ray.data.DataContext.get_current()
+            if not self.verbose:
+                old = ctx.enable_progress_bars
+                ctx.enable_progress_bars = False
+                self._undo.append(lambda: setattr(ctx, "enable_progress_bars", old))
+        except ImportError:  # pragma: no cover - ray[data] is a dependency
+            pass
+        self._fh = logging.StreamHandler(self)
+        self._fh.setLevel(logging.INFO)
+        self.refresh_loggers()
+
+    _FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+
+    def refresh_loggers(self) -> None:
+        """Take over Ray loggers configured since (``ray.serve`` configures its own when imported);
+        and keep this file's format (``ray.init`` sets its format on every handler of ``ray``)."""
+        fh = self._fh
+        if fh is None:
+            return
+        fh.setFormatter(self._FORMAT)
+        loggers = [logging.getLogger("ray")] + [
+            lg for name, lg in list(logging.Logger.manager.loggerDict.items())
+            if name.startswith("ray.") and isinstance(lg, logging.Logger) and not lg.propagate]
+        for lg in loggers:
+            if fh not in lg.handlers:
+                lg.addHandler(fh)
+                self._undo.append(lambda lg=lg: lg.removeHandler(fh))
+            if self.verbose:
+                continue
+            for h in lg.handlers:
+                if h is not fh and isinstance(h, logging.StreamHandler) and not isinstance(
+                        h, logging.FileHandler) and h.level < logging.ERROR:
+                    old = h.level
+                    h.setLevel(logging.ERROR)
+                    self._undo.append(lambda h=h, old=old: h.setLevel(old))
+
+    def attach_workers(self) -> None:
+        """Once Ray is up: the workers' forwarded output to the file (with ``-v`` to the file
+        and, as Ray does, to the screen). Without ``log_to_driver`` nothing is forwarded."""
+        self.refresh_loggers()
+        if self._dispatcher is not None:
+            return
+        try:
+            from ray._private.ray_logging import global_worker_stdstream_dispatcher as disp
+        except ImportError:  # pragma: no cover - Ray moved it: Ray's own printing stays as it was
+            self.write("llamapro: this Ray has no worker log dispatcher; worker output stays on the console")
+            return
+        self._dispatcher = disp
+        with disp._lock:
+            ray_own = [(n, h) for n, h in disp.handlers if n == "ray_print_logs"]
+        if not self.verbose:
+            disp.remove_handler("ray_print_logs")
+        disp.add_handler("llamapro_log_file", self.worker_lines)
+
+        def undo():
+            disp.remove_handler("llamapro_log_file")
+            import ray
+
+            if not self.verbose and ray_own and ray.is_initialized():
+                with disp._lock:
+                    if not any(n == "ray_print_logs" for n, _ in disp.handlers):
+                        disp.handlers.append(ray_own[0])
+        self._undo.append(undo)
+
+    def stop(self) -> None:
+        for undo in reversed(self._undo):
+            with contextlib.suppress(Exception):
+                undo()
+        self._undo.clear()
+        self._fh = None
+        with self._lock:
+            if self._f is not None:
+                self._f.close()
+                self._f = None
+
+    # a file-like object for logging.StreamHandler
+    def flush(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def ray_log_file(path, verbose: bool = False):
+    """Ray's output into ``path`` for the duration of the block (see the module's docstring);
+    ``verbose`` (``llamapro -v``) writes the file and leaves Ray's console output as it is. When the
+    block fails, the log's path is printed to stderr (the caller prints the error itself: a
+    ``LlamaproError``'s message, or a traceback), so a failure is never silent and Ray's side of it
+    is one file away."""
+    global _SINK
+    if _SINK is not None:  # nested (a command calling another): the outer file keeps everything
+        yield _SINK
+        return
+    sink = RayLogFile(path, verbose)
+    sink.start()
+    _SINK = sink
+    try:
+        yield sink
+    except BaseException:
+        print(f"Ray's log of this run: {sink.path}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        _SINK = None
+        sink.stop()

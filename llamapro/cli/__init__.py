@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llamapro.cli.serve import add_serve_commands
 
     p = argparse.ArgumentParser(prog="llamapro", description=__doc__.splitlines()[0])
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="INFO logs; for run and train also Ray's own output on screen (it always goes "
+                        "to RUN/logs/ray.log)")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     add_expand_commands(sub)  # expand verify strip pack apply demo-model
     add_run_commands(sub)  # run train tune

@@ -8,13 +8,27 @@ import sys
 from llamapro.errors import EXIT_ERROR, EXIT_GATE_FAILED, EXIT_OK
 
 
+def ray_log(cfg, a):
+    """Ray's own output (INFO logs, the workers' forwarded stdout/stderr, Ray Data's execution
+    lines) into ``RUN/logs/ray.log`` while the command runs; the screen keeps the product's
+    progress and Ray's warnings and errors. ``llamapro -v`` shows Ray's output on screen too."""
+    from llamapro.pipeline import run_dir
+    from llamapro.runtime import ray_log_file
+
+    path = run_dir(cfg) / "logs" / "ray.log"
+    print(f"Ray's logs: {path}" + ("" if getattr(a, "verbose", False) else " (llamapro -v shows them here too)"),
+          flush=True)
+    return ray_log_file(path, verbose=getattr(a, "verbose", False))
+
+
 def cmd_run(a) -> int:
     """The main job: expand -> verify -> train -> evaluate/gate -> report -> export -> serve."""
     from llamapro.config import load_config
     from llamapro.pipeline import QUICK, run_pipeline
 
     cfg = load_config(a.config, (QUICK if a.quick else []) + a.overrides)
-    s = run_pipeline(cfg, quick=a.quick)
+    with ray_log(cfg, a):
+        s = run_pipeline(cfg, quick=a.quick)
     print(f"\ndone in {s['seconds']:.0f} s; report: {s['report']}")
     print(f"identity of the expansion: max |dlogits| = {s['identity']['max_abs_logit_diff']}, "
           f"greedy generation equal: {s['identity']['generation_equal']}")
@@ -39,7 +53,8 @@ def cmd_train(a) -> int:
     # --mode derives a baseline as `run.baselines` does (same budget, one stage, nothing that only
     # applies to llamapro); `train.mode=...` as an override still means exactly that config
     cfg = load_config(a.config, a.overrides + (["train.allow_unproven=true"] if a.allow_unproven else []))
-    res = train_step(cfg, mode=a.mode)
+    with ray_log(cfg, a):
+        res = train_step(cfg, mode=a.mode)
     print(f"trained model: {res['model']}\nmetrics: {res['out']}/metrics.jsonl")
     return EXIT_OK
 

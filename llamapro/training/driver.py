@@ -1,17 +1,21 @@
 """The driver side of training: :func:`run_training` checks the inputs, builds Ray Train's
 ``TorchTrainer`` (scaling, failure and checkpoint policy) around the worker's ``train_loop``, turns
-a failed fit into one :class:`~llamapro.errors.TrainingError`, and fetches a remote run's output."""
+a failed fit into one :class:`~llamapro.errors.TrainingError`, and fetches a remote run's output.
+While the fit runs, a command's console shows the run's progress, printed here from the records
+the workers append to ``metrics.jsonl`` (:mod:`llamapro.training.progress`)."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
 from pathlib import Path
 
-from llamapro import storage
+from llamapro import runtime, storage
 from llamapro.artifacts import METADATA_FILE, read_metadata
 from llamapro.config.train import TrainConfig
-from llamapro.errors import TrainingError
+from llamapro.errors import LlamaproError, TrainingError
 from llamapro.expansion.api import require_proven
+from llamapro.training.progress import WORKER_LINES_REPLACED, MetricsTail, Progress, schedule_steps
 from llamapro.training.worker import train_loop
 
 
@@ -30,11 +34,41 @@ def _training_failure(e, tc: TrainConfig, storage_dir: str, name: str) -> str:
             "cause is fixed, the same command resumes from the latest checkpoint")
 
 
+@contextlib.contextmanager
+def _progress(show: bool | None, tc: TrainConfig, new_layers, seq_len: int, out: Path, out_uri):
+    """The progress lines while the block runs (nothing when not shown). Rank 0 appends to
+    ``out/metrics.jsonl``; behind a URI it works in its node's copy of the run
+    (``storage.local_dir(out_uri)``), which is this node's when rank 0 runs here. Once records
+    arrive here, the workers' own step lines stay in the log file; until then (rank 0 on another
+    node) they are what the screen shows."""
+    sink = runtime.active_log_file()
+    if not (show if show is not None else sink is not None):
+        yield
+        return
+    if sink is not None:
+        sink.attach_workers()  # idempotent: Ray may have been started by a Ray Data call
+
+    def quiet_workers():
+        if sink is not None:
+            sink.quiet = WORKER_LINES_REPLACED
+    path = (storage.local_dir(out_uri) if out_uri else out) / "metrics.jsonl"
+    try:
+        plan = schedule_steps(tc, new_layers, seq_len)
+    except LlamaproError:  # a schedule the workers refuse: they say why; the stage_start records fill in
+        plan = [0] * max(1, tc.num_stages)
+    try:
+        with MetricsTail(path, Progress(plan), on_first=quiet_workers):
+            yield
+    finally:
+        if sink is not None:
+            sink.quiet = ()
+
+
 def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_sets: dict | None = None,
                  seq_len: int = 256, name: str = "train", seed: int = 0, early_stop_on: str | None = None,
                  trust_remote_code: bool = False, storage_path: str | None = None,
                  callbacks: list | None = None, report_metrics=None, model_uri: str | None = None,
-                 out_uri: str | None = None):
+                 out_uri: str | None = None, progress: bool | None = None):
     """Train and return the Ray Train ``Result``; the trained HF checkpoint lands in
     ``out_dir/model`` and per-step metrics in ``out_dir/metrics.jsonl``.
 
@@ -47,6 +81,10 @@ def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_s
     worker downloads it to its own node; rank 0 works in its node's copy of ``out_uri`` and
     uploads the metrics (at every checkpoint) and the final model there, and the driver then
     fetches both into ``out_dir``.
+
+    ``progress``: print a progress line per step (at most one every few seconds) while training;
+    None: when a command's Ray log file is active (``runtime.ray_log_file``: ``llamapro run`` /
+    ``train``), so library callers and Tune trials keep their output as it was.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -86,7 +124,8 @@ def run_training(tc: TrainConfig, model_dir: str, out_dir: str, train_ds, eval_s
         datasets={"train": train_ds},
     )
     try:
-        result = trainer.fit()
+        with _progress(progress, tc, new_layers, seq_len, out, out_uri):
+            result = trainer.fit()
     except ray.train.TrainingFailedError as e:  # Train V2 raises instead of returning result.error
         raise TrainingError(_training_failure(e, tc, storage_dir, name)) from e
     if out_uri and result.error is None:  # rank 0 may have run on another node
