@@ -2,44 +2,66 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.tiny_models import tiny_model
 
 
 def run(*args):
+    """``llamapro ARGS`` as a user runs it: its own process, the installed entry point's module."""
     return subprocess.run([sys.executable, "-m", "llamapro.cli", *args], capture_output=True, text=True)
 
 
-def test_cli_expand_verify_strip(tmp_path):
+@pytest.fixture
+def cli(capfd):
+    """``llamapro ARGS`` in this process (``llamapro.cli:main``, what the console script and
+    ``python -m llamapro.cli`` call with sys.exit): its exit code and output, without paying
+    Python + torch imports per command. ``run`` keeps one real process per test below."""
+    from llamapro.cli import main
+
+    def call(*args):
+        capfd.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse
+            code = e.code
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return call
+
+
+def test_cli_expand_verify_strip(tmp_path, cli):
     tiny_model("qwen3").save_pretrained(tmp_path / "base")
-    r = run("expand", str(tmp_path / "base"), str(tmp_path / "out"), "--blocks", "2", "--strategy", "middle", "-q")
+    r = cli("expand", str(tmp_path / "base"), str(tmp_path / "out"), "--blocks", "2", "--strategy", "middle", "-q")
     assert r.returncode == 0, r.stderr
     assert "PROVEN" in r.stdout and "new layers   [2, 3]" in r.stdout
-    r = run("verify", str(tmp_path / "out"), "--json")
+    r = cli("verify", str(tmp_path / "out"), "--json")
     assert r.returncode == 0, r.stderr
     v = json.loads(r.stdout)
     assert v["ok"] and v["max_abs_logit_diff"] == 0.0
-    r = run("strip", str(tmp_path / "out"), str(tmp_path / "back"), "-q")
+    r = run("strip", str(tmp_path / "out"), str(tmp_path / "back"), "-q")  # a real process
     assert r.returncode == 0 and "bit for bit" in r.stdout
 
 
-def test_cli_errors_are_clear_with_exit_code_2(tmp_path):
+def test_cli_errors_are_clear_with_exit_code_2(tmp_path, cli):
     tiny_model("llama").save_pretrained(tmp_path / "base")
-    r = run("expand", str(tmp_path / "base"), str(tmp_path / "o"), "--positions", "1,1")
+    r = cli("expand", str(tmp_path / "base"), str(tmp_path / "o"), "--positions", "1,1")
     assert r.returncode == 2 and "duplicate positions [1]" in r.stderr
-    r = run("expand", str(tmp_path / "missing"), str(tmp_path / "o"), "--blocks", "1")
+    r = cli("expand", str(tmp_path / "missing"), str(tmp_path / "o"), "--blocks", "1")
     assert r.returncode == 2 and "does not exist" in r.stderr
-    r = run("expand", str(tmp_path / "base"), str(tmp_path / "o"), "--positions", "x")
+    r = cli("expand", str(tmp_path / "base"), str(tmp_path / "o"), "--positions", "x")
     assert r.returncode == 2 and "comma-separated integers" in r.stderr
     r = run("verify", str(tmp_path / "base"))
     assert r.returncode == 2 and "not produced by `llamapro expand`" in r.stderr
 
 
-def test_cli_verify_fails_with_exit_code_3(tmp_path):
+def test_cli_verify_fails_with_exit_code_3(tmp_path, cli):
     import torch
     from safetensors.torch import load_file, save_file
 
     tiny_model("llama").save_pretrained(tmp_path / "base")
-    assert run("expand", str(tmp_path / "base"), str(tmp_path / "out"), "--blocks", "1", "-q").returncode == 0
+    assert cli("expand", str(tmp_path / "base"), str(tmp_path / "out"), "--blocks", "1", "-q").returncode == 0
     f = tmp_path / "out" / "model.safetensors"
     sd = load_file(f)
     sd["model.layers.4.mlp.down_proj.weight"] = torch.ones_like(sd["model.layers.4.mlp.down_proj.weight"])
