@@ -397,8 +397,10 @@ def _run_pipeline(cfg, rd: Path, quick: bool) -> dict:
         results[name] = eval_step(cfg, run=str(d))
     summary["eval"] = {n: {k: res.get(k) for k in ("sets", "gate")} for n, res in results.items()}
     _say(f"[6/7] export -> {rd / 'export'}")
-    export(str(runs["llamapro"]), str(rd / "export"), force=True,
-                 max_shard_size=cfg.export.max_shard_size)
+    xc = cfg.export  # the card's base_model / licence and the dtype, as `llamapro export --config`
+    export(str(runs["llamapro"]), str(rd / "export"), force=True, max_shard_size=xc.max_shard_size,
+           dtype=xc.dtype, trust_remote_code=cfg.model.trust_remote_code,
+           base_model=xc.base_model or None, license=xc.license or None)
     summary["export"] = str(rd / "export")
     summary["pack"] = pack_beside_export(runs["llamapro"], rd / "pack", cfg.run.name)
     if cfg.fuse.enabled:  # optional: the alpha curve into the report, a fused model beside the export
