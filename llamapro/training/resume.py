@@ -11,6 +11,7 @@ while restoring) through it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from llamapro.errors import CheckpointError
+from llamapro.errors import CheckpointError, TrainingError
 
 STATE_FILE = "trainer_state.json"
 TRAINED_FILE = "trained.safetensors"
@@ -276,3 +277,75 @@ def _from_rank0(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# --- writing one: a full disk is named, not a traceback -----------------------------------------------
+
+# errno of a write that found no room: the file system is full, the user's quota is spent, or the
+# process's file-size limit (RLIMIT_FSIZE) is reached
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# what the same failure reads as where the errno is lost on the way up: pyarrow's copy keeps the
+# strerror text; torch.save's C++ writer only says it stopped short ("unexpected pos", "file write
+# failed"), which is what a full disk does to it
+_NO_ROOM_TEXT = re.compile(r"no space left|disk quota|file too large", re.IGNORECASE)
+_SHORT_WRITE = re.compile(r"unexpected pos [\d]+ vs [\d]+|file write failed", re.IGNORECASE)
+_LOW_SPACE = 1 << 30
+
+
+def _no_room(e: BaseException | None) -> tuple[str, bool] | None:
+    """Why ``e`` (or an exception it was raised from) looks like a write that found no room, and
+    whether that is certain (an errno or its text) rather than a write that stopped short."""
+    seen, short = set(), None
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _NO_ROOM:
+            return f"[Errno {e.errno}] {os.strerror(e.errno)}", True
+        for ln in str(e).splitlines():
+            if _NO_ROOM_TEXT.search(ln):
+                return ln.strip()[:200], True
+            if short is None and (m := _SHORT_WRITE.search(ln)):
+                short = f"torch.save's writer stopped short ({m.group(0)})"
+        e = e.__cause__ or e.__context__
+    return (short, False) if short else None
+
+
+def _room(where: Path) -> tuple[str, bool]:
+    """The free space of the file system holding ``where`` and the file-size limit, if any; and
+    whether either is small enough to explain a write that stopped short."""
+    import resource
+
+    p = Path(where)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+        text, low = f"{free / 2**20:,.0f} MiB free on the file system of {p}", free < _LOW_SPACE
+    except OSError:
+        text, low = f"free space of {p} unknown", False
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        text, low = text + f", file-size limit (RLIMIT_FSIZE) {soft:,} bytes", True
+    return text, low
+
+
+@contextmanager
+def writing_checkpoint(where: Path, step: int):
+    """Around writing (and reporting) the checkpoint of ``step`` whose files go to ``where``: a
+    write that finds no room (disk full, quota, file-size limit) becomes one :class:`TrainingError`
+    that says so, what was lost and how to go on, instead of DeepSpeed's, torch's or pyarrow's
+    traceback. Nothing of that checkpoint is kept (the caller removes its temporary; Ray Train
+    registers a checkpoint only when every rank reported it, and resume validates each against its
+    manifests), so the run resumes from the previous one."""
+    try:
+        yield
+    except Exception as e:
+        found = _no_room(e)
+        if found is None:
+            raise
+        why, certain = found
+        room, low = _room(where)
+        what = "disk full" if certain or low else "a write failed (is the disk full?)"
+        raise TrainingError(
+            f"{what}: the checkpoint of step {step} could not be written to {where} ({why}; {room}). "
+            "Nothing of it is kept: free space (or lower train.keep_checkpoints) and rerun the same "
+            "command, it resumes from the previous checkpoint") from e

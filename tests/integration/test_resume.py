@@ -1,7 +1,9 @@
-"""Resume faults: a crafted pickle in a checkpoint, a corrupt or incomplete latest checkpoint, and a
-ZeRO-3 run resuming. One tiny ZeRO-3 run (one worker, ordered data) keeps every checkpoint; each
-test copies it into a "dead run" that kept only some of them, damages them, and reruns under the
-same name: the resumed steps must match the uninterrupted run's losses exactly."""
+"""Resume faults: a run killed and rerun under the same name, a crafted pickle in a checkpoint, a
+corrupt or incomplete latest checkpoint; every one a ZeRO-3 run resuming. One tiny ZeRO-3 run (one
+worker, ordered data; conftest's ``zero3_reference``) keeps every checkpoint; a run killed for real
+and a copy of the reference that "died" with damaged checkpoints are rerun under the same name: the
+resumed steps must match the uninterrupted run's losses exactly. (A full disk at a checkpoint:
+test_disk_full.py, on the same reference.)"""
 
 from __future__ import annotations
 
@@ -12,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llamapro.config.train import TrainConfig
 from llamapro.errors import CheckpointError
-from llamapro.expansion import api as steps
 from llamapro.training import run_training
 from llamapro.training.resume import (
     MANIFEST,
@@ -25,12 +26,16 @@ from llamapro.training.resume import (
     safe_torch_load,
     write_manifest,
 )
-from tests.integration.test_train import _ordered_data
-from tests.tiny_models import tiny_model
+from tests.integration.training_helpers import (
+    SEQ,
+    ZERO3,
+    assert_resumed_exactly,
+    data,
+    events,
+    kill_at_checkpoint,
+)
 
 pytestmark = pytest.mark.integration
-SEQ = 32
-NAME = "z3"
 
 
 class _Exploit:
@@ -145,37 +150,62 @@ def test_first_valid_skips_and_names_bad_checkpoints(tmp_path):
     assert got.source == str(c2) and got.rejected == [(str(ok), "rank 1: OSError: disk read error")]
 
 
+def test_a_checkpoint_write_that_finds_no_room_is_named(tmp_path):
+    """writing_checkpoint (around the workers' checkpoint writes; the run itself:
+    test_disk_full.py): ENOSPC (a real full device), torch.save stopping short, and an unrelated
+    error, which passes through untouched."""
+    from llamapro.errors import TrainingError
+    from llamapro.training.resume import writing_checkpoint
+
+    with pytest.raises(TrainingError, match=r"^disk full: the checkpoint of step 6 could not be "
+                                            r"written to .*\[Errno 28\] No space left on device; .* MiB free"):
+        with writing_checkpoint(tmp_path, 6), open("/dev/full", "wb") as f:
+            f.write(b"x" * 100_000)
+            f.flush()
+    with pytest.raises(TrainingError, match=r"torch.save's writer stopped short \(unexpected pos"):
+        with writing_checkpoint(tmp_path, 6):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    with pytest.raises(KeyError, match="unrelated"):
+        with writing_checkpoint(tmp_path, 6):
+            raise KeyError("unrelated")
+
+
 # --- the dead runs ----------------------------------------------------------------------------------
 
-def _tc(**kw):
-    return TrainConfig(**{"max_steps": 8, "lr": 3e-3, "micro_batch_size": 4, "eval_every": 100,
-                          "checkpoint_every": 2, "keep_checkpoints": 10, "max_failures": 0,
-                          "zero_stage": 3, "num_workers": 1, **kw})
+def _rerun(ray, expanded: Path, run: Path, name: str, **kw):
+    ds, ev = data(ray, ordered=True)
+    return run_training(TrainConfig(**ZERO3), str(expanded / "exp"), str(run), ds, ev, seq_len=SEQ, name=name,
+                        storage_path=str(run / "ray"), **kw)
 
 
-def _events(out, kind):
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == kind]
+def test_rerun_with_same_name_resumes(ray_start_4_cpus, expanded, zero3_reference):
+    """A run that dies (SIGKILL, no failure budget) picks up from its latest checkpoint when it is
+    simply rerun with the same name and storage path - the "my job was preempted" path. With one
+    worker and an ordered stream, the resumed run goes on through the data exactly where the dead
+    one was: its losses, learning rates and model are those of the same run never interrupted."""
+    run = expanded / "rerun"
+    marker = expanded / "rerun.killed"
+    hook = kill_at_checkpoint(6, rank=0, storage=run / "ray" / "rerun", registered=4, marker=marker)
+    try:
+        failed = _rerun(ray_start_4_cpus, expanded, run, "rerun", report_metrics=hook).error
+    except Exception as e:  # Train V2 raises on an exhausted failure budget
+        failed = e
+    assert marker.exists() and failed is not None, "the first attempt should have died"
+    assert not (run / "model").exists()
 
-
-@pytest.fixture(scope="module")
-def reference(ray_start_4_cpus, tmp_path_factory):
-    """The uninterrupted ZeRO-3 run: every checkpoint (steps 2, 4, 6 mid-stage, 8 final) kept."""
-    d = tmp_path_factory.mktemp("resume")
-    tiny_model("llama", num_layers=4).save_pretrained(d / "base")
-    steps.expand(str(d / "base"), str(d / "exp"), blocks=2, strategy="even", progress=False)
-    ds, ev = _ordered_data(ray_start_4_cpus)
-    res = run_training(_tc(), str(d / "exp"), str(d / "ref"), ds, ev, seq_len=SEQ, name=NAME)
+    res = _rerun(ray_start_4_cpus, expanded, run, "rerun")
     assert res.error is None and res.metrics["final"]
-    assert [s["zero_stage"] for s in _events(d / "ref", "stage_start")] == [3]
-    return d
+    assert not events(run, "checkpoint_rejected")
+    assert [e["step"] for e in events(run, "step")][:6] == [1, 2, 3, 4, 5, 6]  # the dead attempt's
+    assert_resumed_exactly(zero3_reference, run, 4)
+    assert (run / "model" / "config.json").is_file()
 
 
-def _dead_run(reference: Path, test: str, kept_steps: list[int]) -> tuple[Path, dict[int, Path]]:
-    """A copy of the reference run's storage as if it had died after the last of ``kept_steps``
-    with only those checkpoints kept; returns its run directory and the checkpoints by step."""
-    run = reference / test
-    src, dst = reference / "ref" / "ray" / NAME, run / "ray" / NAME
+def _dead_run(reference: Path, run: Path, kept_steps: list[int]) -> dict[int, Path]:
+    """A copy of the reference run's storage (``run/ray/<name>``) as if it had died after the last
+    of ``kept_steps`` with only those checkpoints kept; returns the checkpoints by step."""
+    name = reference.name
+    src, dst = reference / "ray" / name, run / "ray" / name
     shutil.copytree(src, dst)
     snap_path = dst / "checkpoint_manager_snapshot.json"
     snap = json.loads(snap_path.read_text())
@@ -190,66 +220,31 @@ def _dead_run(reference: Path, test: str, kept_steps: list[int]) -> tuple[Path, 
     snap_path.write_text(json.dumps(snap))
     ckpts = {r["metrics"]["step"]: dst / r["checkpoint_dir_name"] for _, r in pairs}
     assert sorted(ckpts) == sorted(kept_steps)
-    return run, ckpts
+    return ckpts
 
 
-def _rerun(ray, reference: Path, run: Path):
-    ds, ev = _ordered_data(ray)
-    res = run_training(_tc(), str(reference / "exp"), str(run), ds, ev, seq_len=SEQ, name=NAME,
-                       storage_path=str(run / "ray"))
-    assert res.error is None and res.metrics["final"]
-    return res
-
-
-def _assert_resumed_exactly(reference: Path, run: Path, from_step: int) -> None:
-    """Resumed at ``from_step`` and went on as the uninterrupted run did: same losses and learning
-    rates (optimizer and scheduler restored, not restarted), same trained model."""
-    (resume,) = _events(run, "resume")
-    assert resume["step"] == from_step
-    ref = {e["step"]: e for e in _events(reference / "ref", "step")}
-    ran = _events(run, "step")
-    assert [e["step"] for e in ran] == list(range(from_step + 1, 9))
-    for e in ran:
-        r = ref[e["step"]]
-        assert abs(e["loss"] - r["loss"]) <= 1e-5 * max(1.0, r["loss"]), (e["step"], e["loss"], r["loss"])
-        assert e["lr"] == pytest.approx(r["lr"])
-    assert [s["zero_stage"] for s in _events(run, "stage_start")] == [3]
-    want = load_file(reference / "ref" / "model" / "model.safetensors")
-    got = load_file(run / "model" / "model.safetensors")
-    assert want.keys() == got.keys()
-    assert all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)
-
-
-def test_zero3_run_resumes_where_it_stopped(ray_start_4_cpus, reference):
-    run, ckpts = _dead_run(reference, "clean", [4, 6])
-    _rerun(ray_start_4_cpus, reference, run)
-    assert not _events(run, "checkpoint_rejected")
-    assert _events(run, "resume")[0]["checkpoint"].endswith(ckpts[6].name)
-    _assert_resumed_exactly(reference, run, 6)
-
-
-def test_corrupt_latest_checkpoints_fall_back_and_are_named(ray_start_4_cpus, reference):
-    run, ckpts = _dead_run(reference, "corrupt", [2, 4, 6])
-    (ckpts[6] / MANIFEST.format(rank=0)).unlink()  # died while writing it
-    (pt,) = (ckpts[4] / "ds" / "state").glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt")  # bf16_ on bf16 CPUs
+def test_corrupt_latest_checkpoints_and_a_crafted_pickle_fall_back_and_are_named(
+        ray_start_4_cpus, expanded, zero3_reference):
+    """The run died with four checkpoints kept: the newest without its manifest (died while writing
+    it), the next with a file torn by a full disk, the next with a crafted pickle (its manifest kept
+    consistent by the attacker). Each is skipped and named, the payload never runs, and the run
+    resumes from the oldest, exactly."""
+    run = expanded / "damaged"
+    ckpts = _dead_run(zero3_reference, run, [2, 4, 6, 8])
+    (ckpts[8] / MANIFEST.format(rank=0)).unlink()  # died while writing it
+    (pt,) = (ckpts[6] / "ds" / "state").glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt")  # bf16_ on bf16 CPUs
     os.truncate(pt, pt.stat().st_size - 100)  # torn by a full disk
-    _rerun(ray_start_4_cpus, reference, run)
-    rejected = _events(run, "checkpoint_rejected")
-    assert [Path(e["checkpoint"]).name for e in rejected] == [ckpts[6].name, ckpts[4].name]
+    marker = run / "pwned"
+    _plant(ckpts[4] / "ds" / "state" / "zero_pp_rank_0_mp_rank_00_model_states.pt", marker)
+    _rewrite_manifest(ckpts[4])  # the attacker keeps the manifest consistent
+
+    res = _rerun(ray_start_4_cpus, expanded, run, zero3_reference.name)
+    assert res.error is None and res.metrics["final"]
+    assert not marker.exists()
+    rejected = events(run, "checkpoint_rejected")
+    assert [Path(e["checkpoint"]).name for e in rejected] == [ckpts[s].name for s in (8, 6, 4)]
     assert "no manifest-rank0.json" in rejected[0]["reason"]
     assert pt.name in rejected[1]["reason"] and "bytes" in rejected[1]["reason"]
-    assert _events(run, "resume")[0]["checkpoint"].endswith(ckpts[2].name)
-    _assert_resumed_exactly(reference, run, 2)
-
-
-def test_crafted_pickle_in_a_checkpoint_never_runs(ray_start_4_cpus, reference):
-    run, ckpts = _dead_run(reference, "pickle", [4, 6])
-    marker = run / "pwned"
-    _plant(ckpts[6] / "ds" / "state" / "zero_pp_rank_0_mp_rank_00_model_states.pt", marker)
-    _rewrite_manifest(ckpts[6])  # the attacker keeps the manifest consistent
-    _rerun(ray_start_4_cpus, reference, run)
-    assert not marker.exists()
-    (rejected,) = _events(run, "checkpoint_rejected")
-    assert Path(rejected["checkpoint"]).name == ckpts[6].name
-    assert "refused to load" in rejected["reason"] and ".system" in rejected["reason"]
-    _assert_resumed_exactly(reference, run, 4)
+    assert "refused to load" in rejected[2]["reason"] and ".system" in rejected[2]["reason"]
+    assert events(run, "resume")[0]["checkpoint"].endswith(ckpts[2].name)
+    assert_resumed_exactly(zero3_reference, run, 2)
