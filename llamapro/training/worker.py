@@ -59,6 +59,7 @@ from llamapro.training.resume import (
     deepspeed_safe_loading,
     resume_from_ray,
     write_manifest,
+    writing_checkpoint,
 )
 from llamapro.training.stages import allocate, build_stages
 
@@ -430,16 +431,19 @@ class TrainRecipe:
         if config.get("report_metrics") is not None:  # e.g. the Tune objective (llamapro.tune)
             metrics = {**metrics, **config["report_metrics"](metrics)}
         d = Path(tempfile.mkdtemp(prefix="llamapro-ckpt-"))
-        try:  # a full disk mid-checkpoint must not leave the temporary behind
-            if ds_valid:
-                engine.save_checkpoint(str(d / "ds"), tag="state", exclude_frozen_parameters=True)
-            if rank == 0:
-                st = dict(self.state, ds_valid=ds_valid)
-                (d / STATE_FILE).write_text(json.dumps(st))
-                if self.trained:
-                    save_file({k: v.contiguous() for k, v in self.trained.items()}, str(d / TRAINED_FILE))
-            write_manifest(d, rank, self.world, self.state["global_step"])
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
+        # a full disk mid-checkpoint: one error that says so (not DeepSpeed's traceback), and the
+        # temporary is not left behind
+        try:
+            with writing_checkpoint(d, self.state["global_step"]):
+                if ds_valid:
+                    engine.save_checkpoint(str(d / "ds"), tag="state", exclude_frozen_parameters=True)
+                if rank == 0:
+                    st = dict(self.state, ds_valid=ds_valid)
+                    (d / STATE_FILE).write_text(json.dumps(st))
+                    if self.trained:
+                        save_file({k: v.contiguous() for k, v in self.trained.items()}, str(d / TRAINED_FILE))
+                write_manifest(d, rank, self.world, self.state["global_step"])
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
         finally:
             shutil.rmtree(d, ignore_errors=True)
         if rank == 0 and self.out_uri and self.metrics_path.is_file():  # progress beside the checkpoints
