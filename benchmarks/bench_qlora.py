@@ -1,8 +1,16 @@
 """Training the new blocks on a quantized base (train.quantize_base) vs the full-precision base.
 
     python benchmarks/bench_qlora.py [--steps 8] [--seq 128] [--batch 2]
+    python benchmarks/bench_qlora.py --shape 360m --steps 3 --batch 1     # SmolLM2-360M's shapes
+    python benchmarks/bench_qlora.py --shape 1.7b --steps 3 --batch 1     # SmolLM2-1.7B's shapes
 
-Expands the SmolLM2-135M-Instruct demo 30 -> 36 layers (6 identity blocks) once, then trains
+``--shape demo`` (default) expands the SmolLM2-135M-Instruct demo. ``--shape 360m`` / ``1.7b``
+builds a RANDOM-INITIALIZED Llama with SmolLM2-360M's / SmolLM2-1.7B's configuration (layers,
+widths, heads, vocabulary; the demo's tokenizer), saved in bf16 like the published checkpoints, so
+memory can be measured at sizes where the quantized base matters without downloading them: its
+memory figures are those of the real model (they depend on shapes, not values); its losses are
+meaningless (untrained weights) and only show that every kind trains. Each model is expanded once
+(``--blocks``: 6 by default for demo, 8 for 360m (32 -> 40 layers), 4 for 1.7b (24 -> 28)), then trains
 only the new blocks with plain AdamW on the same real-text windows (the Python tutorial,
 python3-doc, PSF-2.0) from the same seed, once per base: fp32 (baseline), nf4 and int8
 (bitsandbytes), each loaded by the loader `llamapro train` uses (llamapro.training.model.load_model
@@ -27,6 +35,40 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_line  # noqa: E402  (benchmarks/ on sys.path first)
+
+
+# SmolLM2's published configurations (config.json of HuggingFaceTB/SmolLM2-360M and -1.7B): shapes only
+SHAPES = {
+    "360m": {"hidden_size": 960, "intermediate_size": 2560, "num_attention_heads": 15,
+             "num_key_value_heads": 5, "num_hidden_layers": 32, "rope_theta": 100000.0,
+             "max_position_embeddings": 8192},
+    "1.7b": {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32,
+             "num_key_value_heads": 32, "num_hidden_layers": 24, "rope_theta": 130000.0,
+             "max_position_embeddings": 8192},
+}
+BLOCKS = {"demo": 6, "360m": 8, "1.7b": 4}
+
+
+def make_random_base(shape: str, out: str) -> None:
+    """A random-initialized Llama of ``shape`` (bf16, the demo's tokenizer and special ids) in ``out``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llamapro.demo import ensure_demo_model
+    from llamapro.tensors import copy_side_files
+
+    demo = ensure_demo_model()
+    cfg = AutoConfig.from_pretrained(demo)
+    for k, v in SHAPES[shape].items():
+        setattr(cfg, k, v)
+    cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)  # transformers' own init
+    model.save_pretrained(out)
+    copy_side_files(demo, Path(out))
+    n = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"params": n}))
 
 
 def child(kind: str, model_dir: str, steps: int, seq: int, batch: int) -> None:
@@ -81,23 +123,47 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--shape", choices=["demo", *SHAPES], default="demo",
+                    help="demo: the SmolLM2-135M-Instruct demo; 360m / 1.7b: a random-initialized "
+                         "Llama with SmolLM2-360M's / -1.7B's shapes")
+    ap.add_argument("--blocks", type=int, default=None, help="new blocks (default per shape)")
+    ap.add_argument("--kinds", default="fp32,nf4,int8", help="comma-separated bases, fp32 first")
+    ap.add_argument("--workdir", default=None, help="keep the built models here (default: a temp dir, removed)")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "MODEL_DIR"))
+    ap.add_argument("--make-base", nargs=2, metavar=("SHAPE", "OUT"))
     a = ap.parse_args()
     if a.child:
         return child(a.child[0], a.child[1], a.steps, a.seq, a.batch)
+    if a.make_base:
+        return make_random_base(*a.make_base)
+
+    import os
 
     from llamapro.demo import ensure_demo_model
     from llamapro.expansion import api as steps
+    from llamapro.tensors import read_config
 
-    print(f"# {time.strftime('%Y-%m-%d')}  {cpu_line()}")
-    print(f"# SmolLM2-135M-Instruct 30 -> 36 layers (6 new), {a.steps} AdamW steps, batch {a.batch} x {a.seq} "
-          "tokens of the Python tutorial; only the new blocks train")
-    work = Path(tempfile.mkdtemp(prefix="bench-qlora-"))
-    steps.expand(str(ensure_demo_model()), str(work / "grown"), blocks=6, strategy="even",
-                 progress=False, verify=False)
+    blocks = a.blocks or BLOCKS[a.shape]
+    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="bench-qlora-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if a.shape == "demo":
+        base, what = ensure_demo_model(), "SmolLM2-135M-Instruct"
+    else:
+        base = work / f"base-{a.shape}"
+        if not (base / "config.json").is_file():  # in its own process: its memory goes back
+            subprocess.run([sys.executable, __file__, "--make-base", a.shape, str(base)], check=True,
+                           cwd=str(ROOT))
+        what = f"RANDOM-INITIALIZED Llama with SmolLM2-{a.shape.upper()}'s shapes (untrained: losses meaningless)"
+    n0 = read_config(Path(base))["num_hidden_layers"]
+    grown = work / f"grown-{a.shape}-{blocks}"
+    if not (grown / "llamapro.json").is_file():
+        steps.expand(str(base), str(grown), blocks=blocks, strategy="even", progress=False, verify=False)
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {cpu_line()}  load average {os.getloadavg()[0]:.2f}")
+    print(f"# {what} {n0} -> {n0 + blocks} layers ({blocks} new), {a.steps} AdamW steps, batch {a.batch} x "
+          f"{a.seq} tokens of the Python tutorial; only the new blocks train")
     rows = []
-    for kind in ("fp32", "nf4", "int8"):
-        r = subprocess.run([sys.executable, __file__, "--child", kind, str(work / "grown"), "--steps",
+    for kind in a.kinds.split(","):
+        r = subprocess.run([sys.executable, __file__, "--child", kind, str(grown), "--steps",
                             str(a.steps), "--seq", str(a.seq), "--batch", str(a.batch)],
                            capture_output=True, text=True, cwd=str(ROOT))
         if r.returncode != 0:
@@ -117,9 +183,11 @@ def main() -> None:
     print("\nloss per step:")
     for r in rows:
         print(f"  {r['kind']:>5}: {' '.join(f'{x:.3f}' for x in r['losses'])}")
-    import shutil
+    print(f"# load average at the end {os.getloadavg()[0]:.2f}")
+    if not a.workdir:
+        import shutil
 
-    shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
