@@ -11,6 +11,19 @@ ray (the Ray Tune objects are built from it in ``llamapro/tune/space.py``).
         train.stage_ratios: {choice: [[0.3], [0.5]]}
         train.lr: {loguniform: [2.0e-5, 2.0e-4]}
 
+A method comparison searches ``train.mode`` itself (``llamapro`` against the baselines ``full``,
+``lora``, ``freeze_last_n``, each trained from the *unexpanded* base at the same budget, as
+``run.baselines`` does), every dimension a grid, each method with its own LR grid::
+
+    tune:
+      scheduler: {type: fifo}                 # ASHA would judge one method against another
+      space:
+        train.mode: {grid: [llamapro, full, lora, freeze_last_n]}
+        train.lr: {grid: [1.0e-4, 3.0e-4]}    # the grid of methods not named in mode_space
+        expand.blocks: {grid: [3, 6]}         # llamapro only (a baseline has no new blocks)
+      mode_space:
+        full: {train.lr: {grid: [1.0e-5, 3.0e-5, 1.0e-4]}}
+
 Every key of ``space`` is a dotted path of the config tree (``train.lr``, ``expand.strategy``,
 ``data.seq_len``, ...) or ``expand.placement`` (a strategy name *or* an explicit list of new-block
 indices, so one dimension can compare both); every value names exactly one distribution.
@@ -26,6 +39,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+from llamapro.config.train import MODES
 from llamapro.errors import ConfigError
 
 # distribution -> number of arguments (None: a non-empty list of values)
@@ -34,6 +48,9 @@ DISTRIBUTIONS = {"choice": None, "grid": None, "uniform": 2, "quniform": 3, "log
 PLACEMENT_KEY = "expand.placement"
 """Virtual key: a strategy name sets expand.strategy, a list of indices sets expand.positions."""
 SCHEDULERS = ("asha", "fifo")
+BUDGET_KEYS = ("train.max_steps", "train.max_tokens", "train.micro_batch_size", "train.grad_accum",
+               "train.num_workers", "train.eval_batches", "data.seq_len")
+"""Keys that set a trial's budget: the same for every method of a comparison."""
 # keys a trial may not change: they place the trial's own files
 _FIXED = ("run.name", "run.output_dir", "run.baselines")
 # sections a trial never reads (a trial trains and evaluates; it does not serve)
@@ -119,11 +136,52 @@ class TuneConfig:
     """Times Tune retries a trial whose driver failed (its Train run resumes from its last
     checkpoint). Worker failures are retried by train.max_failures inside the trial."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    mode_space: dict = field(default_factory=dict)
+    """With ``train.mode`` in the space (a method comparison): per mode, entries that replace or
+    add to the space for that mode's trials, e.g. ``{full: {train.lr: {grid: [1.0e-5, 3.0e-5]}}}``:
+    each method is searched at its own learning rates (never one LR chosen for all). Grids only;
+    budget keys (steps, tokens, batch, workers, seq_len) cannot differ between methods."""
 
     def __post_init__(self):
         if not isinstance(self.space, dict):
             _bad("tune.space", "must be a mapping of dotted config keys to distributions")
         self.space = flatten_space(self.space)  # each entry is checked by the root: check_space
+        if not isinstance(self.mode_space, dict):
+            _bad("tune.mode_space", "must map a train.mode to a space, e.g. "
+                                    "{full: {train.lr: {grid: [1.0e-5, 3.0e-5]}}}")
+        ms = {}
+        for mode, sub in self.mode_space.items():
+            if mode not in MODES:
+                _bad("tune.mode_space", f"{mode!r} is not a train.mode ({', '.join(MODES)})")
+            if not isinstance(sub, dict) or not sub:
+                _bad(f"tune.mode_space.{mode}", "must be a non-empty mapping of dotted keys to grids")
+            ms[mode] = flatten_space(sub)
+            for key, spec in ms[mode].items():
+                if key == "train.mode":
+                    _bad(f"tune.mode_space.{mode}", "cannot set train.mode (it is the method)")
+                if key in BUDGET_KEYS:
+                    _bad(f"tune.mode_space.{mode}[{key!r}]", "every method trains at the same budget: "
+                                                             "search budget keys in tune.space")
+                if not (isinstance(spec, dict) and len(spec) == 1 and "grid" in spec):
+                    _bad(f"tune.mode_space.{mode}[{key!r}]", f"give a grid, e.g. {{grid: [1.0e-5, "
+                                                             f"3.0e-5]}}; got {spec!r}")
+        self.mode_space = ms
+        if ms and "train.mode" not in self.space:
+            _bad("tune.mode_space", "applies only when tune.space searches train.mode "
+                                    "(e.g. train.mode: {grid: [llamapro, full, lora]})")
+        if "train.mode" in self.space:
+            spec = self.space["train.mode"]
+            if not (isinstance(spec, dict) and list(spec) == ["grid"]):
+                _bad("tune.space['train.mode']", f"give a grid of modes, e.g. {{grid: [llamapro, full, "
+                                                 f"lora, freeze_last_n]}}; got {spec!r}")
+            for key, sp in self.space.items():
+                if not (isinstance(sp, dict) and list(sp) == ["grid"]):
+                    _bad(f"tune.space[{key!r}]", "with train.mode searched every dimension is a grid "
+                                                 "(each method is judged at points of its own grid); "
+                                                 f"got {sp!r}")
+            if self.scheduler.type != "fifo":
+                _bad("tune.scheduler.type", "must be fifo when train.mode is searched: ASHA would stop "
+                                            "one method's trials for trailing another method's")
         if self.num_samples < 1:
             _bad("tune.num_samples", f"must be >= 1, got {self.num_samples}")
         if self.max_concurrent < 0:
@@ -161,11 +219,15 @@ def flatten_space(space: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_space(space: dict, root: type) -> None:
-    """Every entry of a (flattened) ``tune.space``, in order: a searchable key of the config tree
-    ``root`` and exactly one well-formed distribution. Called by the root once it is built."""
+def check_space(space: dict, root: type, mode_space: dict | None = None) -> None:
+    """Every entry of a (flattened) ``tune.space`` (and of each ``tune.mode_space``), in order: a
+    searchable key of the config tree ``root`` and exactly one well-formed distribution. Called by
+    the root once it is built (and by the experiment's plan for mode_space)."""
     for key, spec in space.items():
         check_space_entry(key, spec, root)
+    for sub in (mode_space or {}).values():
+        for key, spec in sub.items():
+            check_space_entry(key, spec, root)
 
 
 def check_space_entry(key, spec, root: type) -> None:

@@ -70,16 +70,90 @@ def eval_digest(cfg) -> str:
     return hashlib.sha256(json.dumps([ec, data], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def evaluate_run(cfg, run: Path, say=None) -> dict:
-    """The run's eval results: reused when made with the same settings, else ``run_eval``."""
+def evaluate_run(cfg, run: Path, say=None, base_cache: Path | None = None, heldout: dict | None = None) -> dict:
+    """The run's eval results: reused when made with the same settings, else ``run_eval``.
+
+    With ``base_cache`` (a directory) and the battery on, the base's battery answers are scored
+    once per study and kept there, not once per run: every run whose comparison base is exactly
+    the base model (a baseline trained from it, or llamapro with frozen originals, whose base is
+    the trained model with its new blocks skipped: the same logits, proven at expansion) is
+    evaluated without the battery by ``run_eval``, then its battery is scored on the trained model
+    and set beside the cached base's, and the gate is judged again with it. ``heldout``: arrays
+    per set instead of the data sources' held-out splits (as ``run_eval``)."""
+    say = say or (lambda m: None)
     digest = eval_digest(cfg)
     old = read_results(run)
     if old and old.get("compare_digest") == digest:
-        (say or (lambda m: None))(f"{run}: evaluated before with the same settings, reused")
+        say(f"{run}: evaluated before with the same settings, reused")
         return old
-    res = run_eval(cfg, run_dir=str(run), say=say)
+    if base_cache is not None and cfg.eval.battery.enabled and _base_is_exact(cfg, run):
+        res = _eval_with_shared_base_battery(cfg, run, Path(base_cache), say, heldout)
+    else:
+        res = run_eval(cfg, run_dir=str(run), say=say, heldout=heldout)
     res["compare_digest"] = digest
     write_results(Path(res["results_path"]).parent, res)
+    return res
+
+
+def _base_is_exact(cfg, run: Path) -> bool:
+    from llamapro.eval.base import resolve_base
+
+    ckpt = run / "model"
+    try:
+        info = resolve_base(ckpt, read_metadata(ckpt), cfg.eval)
+    except Exception:  # the full evaluation reports it with its own message
+        return False
+    return bool(info.get("exact")) and not cfg.eval.base
+
+
+def _battery_of(model_dir: str, cfg, docs: dict, say) -> dict:
+    from llamapro.eval.battery import run_battery
+    from llamapro.eval.models import load_model, torch_threads
+    from llamapro.loading import load_tokenizer
+
+    ec = cfg.eval
+    with torch_threads(ec.num_threads):
+        model = load_model(model_dir, ec.dtype, cfg.model.trust_remote_code)
+        tok = load_tokenizer(model_dir)
+        return run_battery(model, tok, docs, ec.battery.batch_size, say, ec.battery.share_context)
+
+
+def base_battery(cfg, docs: dict, cache: Path, say) -> dict:
+    """The base model's battery answers, scored once and cached in ``cache`` (keyed by the base,
+    the battery settings and the eval dtype)."""
+    from llamapro.demo import resolve_model
+
+    base = str(resolve_model(cfg.model.base))
+    key = json.dumps([base, asdict(cfg.eval.battery), cfg.eval.dtype], sort_keys=True, default=str)
+    path = cache / f"base-battery-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        say(f"knowledge battery of the base: reused {path}")
+        return json.loads(path.read_text())
+    say(f"knowledge battery: base model {base} (once for every run)")
+    out = _battery_of(base, cfg, docs, say)
+    cache.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, out, indent=1)
+    return out
+
+
+def _eval_with_shared_base_battery(cfg, run: Path, cache: Path, say, heldout: dict | None) -> dict:
+    import copy
+
+    from llamapro.eval.battery import compare_battery, load_battery
+    from llamapro.eval.gate import check_gate
+
+    docs = load_battery(cfg.eval.battery, say)  # fetched and checked before any model loads
+    light = copy.deepcopy(cfg)
+    light.eval.battery.enabled = False
+    light.eval.gate.max_accuracy_drop = None
+    res = run_eval(light, run_dir=str(run), say=say, heldout=heldout)
+    base = base_battery(cfg, docs, cache, say)
+    say(f"knowledge battery: trained model {run / 'model'}")
+    trained = _battery_of(str(run / "model"), cfg, docs, say)
+    res["battery"] = {"tasks": compare_battery(base, trained), "limit": cfg.eval.battery.limit,
+                      "seconds": round(sum(r["seconds"] for r in trained.values()), 1),
+                      "base_scored_once": True}
+    res["gate"] = check_gate(res["sets"], res.get("greedy"), cfg.eval.gate, res["battery"])
     return res
 
 
@@ -264,15 +338,43 @@ def table_md(rows: list[dict], verdict: dict) -> str:
     return "\n".join(out) + "\n\n![Pareto plot](pareto.png)\n"
 
 
+def _one_ray(cfg, runs: dict[str, Path], say, attempts: int = 3) -> bool:
+    """One local Ray for every run's held-out blocks (not one start per run), started only when a
+    run needs evaluating; a start that times out on a loaded machine is tried again. Returns
+    whether it was started here (the caller shuts it down)."""
+    digest = eval_digest(cfg)
+    todo = [r for r in runs.values() if (read_results(r) or {}).get("compare_digest") != digest]
+    if not todo or not getattr(cfg, "data", None) or not cfg.data.sources:
+        return False
+    from llamapro.runtime import ensure_ray, spare_cpus
+
+    for i in range(attempts):
+        try:
+            return ensure_ray("compare", num_cpus=spare_cpus(), include_dashboard=False,
+                              log_to_driver=False, quiet_data=True)
+        except Exception as e:  # Ray's own "node timed out during startup" is a bare Exception
+            if "timed out during startup" not in str(e) or i == attempts - 1:
+                raise
+            say(f"[compare] Ray did not start in time (a loaded machine?); trying again ({i + 2}/{attempts})")
+    return False
+
+
 def run_compare(cfg, runs: dict[str, Path], out_dir, say=None) -> dict:
     """Evaluate (or reuse) every run, then write the table, the plot and the verdicts."""
     say = say or (lambda m: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for label, run in runs.items():
-        say(f"[compare] {label}: {run}")
-        rows.append(row_of(label, run, evaluate_run(cfg, run, say)))
+    started = _one_ray(cfg, runs, say)
+    try:
+        for label, run in runs.items():
+            say(f"[compare] {label}: {run}")
+            rows.append(row_of(label, run, evaluate_run(cfg, run, say, base_cache=out)))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     verdict = verdicts(rows)
     plotted = plot_pareto(rows, out / "pareto.png")
     md = table_md(rows, verdict)

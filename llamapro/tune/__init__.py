@@ -12,6 +12,14 @@ promises: learn the new domain without forgetting,
 where the base's losses are the expanded model's at step 0 (its new blocks are identities), computed
 once per held-out set on the unexpanded base. ASHA stops trials whose objective trails at a rung.
 
+A method comparison searches ``train.mode`` too (grids only, scheduler fifo): a trial whose mode is
+a baseline (full, lora, freeze_last_n) trains the unexpanded base at the same budget and data
+(``llamapro.config.train.baseline_of``, as ``run.baselines``); each mode may have its own grids
+(``tune.mode_space``, e.g. its own learning rates); the llamapro-only keys (placement, blocks,
+stages) vary for llamapro trials only; the trials run round robin over the modes; and the best
+trial is also chosen per mode by the same objective (``best_by_mode``, ``best-<mode>.yaml``).
+``benchmarks/study.py`` runs such an experiment, then ``llamapro compare`` on each mode's best.
+
 An experiment is a directory ``<run.output_dir>/<tune name>/``::
 
     experiment/            Ray Tune's state: running the same command again restores from it
@@ -35,9 +43,11 @@ from llamapro.tune.objective import METRIC, MODE, TIME_ATTR, TrialObjective, obj
 from llamapro.tune.plan import (EXPERIMENT_DIR, SHARED_MAX_TOKENS, SPEC_FILE, STOPS_FILE, TunePlan,
                                 objective_sets, plan_experiment)
 from llamapro.tune.plot import plot_pareto
-from llamapro.tune.results import collect_rows, format_summary, pick_best, write_best_config, write_outputs
-from llamapro.tune.space import (apply_params, check_space_values, check_stages, eval_rows_of, largest,
-                                 max_over_budgets, search_space, shares_data, steps_of, train_blocks_of)
+from llamapro.tune.results import (collect_rows, format_summary, pick_best, pick_best_by_mode, write_best_config,
+                                   write_outputs)
+from llamapro.tune.space import (apply_params, check_space_values, check_stages, eval_rows_of, flat_params, largest,
+                                 max_over_budgets, method_points, search_space, shares_data, steps_of,
+                                 train_blocks_of)
 from llamapro.tune.trial import (_reporting, base_losses, prepare_shared, run_trial, training_yaml,
                                  trial_config, trial_evals)
 
@@ -45,7 +55,8 @@ __all__ = [
     "EXPERIMENT_DIR", "METRIC", "MODE", "SHARED_MAX_TOKENS", "SPEC_FILE", "STOPS_FILE", "TIME_ATTR",
     "TrialObjective", "TunePlan", "_reporting", "apply_params", "base_losses", "check_space_values",
     "check_stages", "collect_rows", "concurrency", "ensure_tune_ray", "eval_rows_of",
-    "format_summary", "largest", "max_over_budgets", "objective_metrics", "objective_sets",
+    "flat_params", "format_summary", "largest", "method_points", "pick_best_by_mode",
+    "max_over_budgets", "objective_metrics", "objective_sets",
     "pareto_front", "pick_best", "plan_experiment", "plot_pareto", "prepare_shared", "run_trial",
     "run_tune", "search_space", "shares_data", "steps_of", "train_blocks_of", "training_yaml",
     "trial_config", "trial_evals", "write_best_config", "write_outputs",

@@ -142,7 +142,7 @@ def run_tune(cfg: Config, force: bool = False, say=print) -> dict:
         say(f"[tune] {plan.name}: {cfg.tune.num_samples} sample(s) of {list(plan.space)}, "
             f"{n} trial(s) at a time, scheduler {cfg.tune.scheduler.type} (max_t {plan.max_t} steps)")
         tuner = tune.Tuner(
-            trainable, param_space=search_space(plan.space),
+            trainable, param_space=search_space(plan.space, plan.mode_space),
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode=MODE, num_samples=cfg.tune.num_samples,
                 scheduler=_scheduler(cfg, plan),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from llamapro.artifacts import Record
 from llamapro.config import Config, ConfigError, from_dict, to_dict
+from llamapro.config.tune import check_space
 from llamapro.demo import resolve_model
 from llamapro.expansion.api import resolve_local
 from llamapro.expansion.families import num_layers_of
@@ -42,6 +43,8 @@ class TunePlan(Record):
     base: dict = _key("base", "the config every trial starts from: local paths absolute, the base "
                               "model resolved to its directory")
     space: dict = _key("space", "tune.space: dotted key -> {distribution: arguments}")
+    mode_space: dict = property(lambda self: self.get("mode_space") or {},
+                                doc="tune.mode_space: per train.mode, its own grids (a method comparison)")
     domain_sets: list = _key("domain_sets", "held-out sets of the new domain (the gain)")
     retention_sets: list = _key("retention_sets", "held-out sets of what the base knew (forgetting)")
     penalty: float = _key("penalty", "tune.forgetting_penalty")
@@ -106,7 +109,8 @@ def plan_experiment(cfg: Config, cwd: Path | None = None) -> TunePlan:
     domain, retention = objective_sets(cfg)
     base_dir = resolve_local(resolve_model(cfg.model.base))
     base["model"]["base"] = str(base_dir)
-    check_space_values(base, t.space, num_layers_of(read_config(base_dir)))
+    check_space(t.space, Config, t.mode_space)
+    check_space_values(base, t.space, num_layers_of(read_config(base_dir)), t.mode_space)
     name = t.experiment_name(cfg.run.name)
     exp_dir = Path(cfg.run.output_dir) / name
     max_blocks = max_over_budgets(t.space, base, train_blocks_of)
@@ -117,6 +121,7 @@ def plan_experiment(cfg: Config, cwd: Path | None = None) -> TunePlan:
         per_trial_cpus += largest(t.space, base, "data.actors") * largest(t.space, base, "data.cpus_per_actor")
     gpus = largest(t.space, base, "train.num_workers") if largest(t.space, base, "train.use_gpu") else 0
     return TunePlan({"name": name, "exp_dir": str(exp_dir), "base": base, "space": t.space,
+                     "mode_space": t.mode_space,
                      "domain_sets": domain, "retention_sets": retention,
                      "penalty": t.forgetting_penalty, "max_forgetting": t.max_forgetting,
                      "trial_resources": {"CPU": per_trial_cpus, **({"GPU": gpus} if gpus else {})},
@@ -130,4 +135,6 @@ def spec_digest(plan: TunePlan) -> str:
     the space and the objective."""
     keep = {k: plan[k] for k in ("base", "space", "domain_sets", "retention_sets", "penalty",
                                  "max_forgetting")}
+    if plan.mode_space:
+        keep["mode_space"] = plan.mode_space
     return hashlib.blake2b(json.dumps(keep, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from llamapro.eval.compare import pareto_front
 from llamapro.tune.plan import TunePlan
+from llamapro.tune.space import space_keys
 
 
 def _label(row: dict, keys: list[str]) -> str:
@@ -26,7 +27,7 @@ def plot_pareto(rows: list[dict], plan: TunePlan, best: dict | None, path: Path)
         return False
     fig = Figure(figsize=(9, 6), dpi=110, layout="constrained")
     ax = fig.subplots()
-    keys = list(plan.space)
+    keys = space_keys(plan.space, plan.mode_space)
     done = [r for r in pts if r["status"] == "completed"]
     labels: dict = {}  # trials on the same spot share one label
     for r in pts:

@@ -16,6 +16,7 @@ from llamapro.config import Config, from_dict
 from llamapro.jsonl import read_records
 from llamapro.tune.plan import STOPS_FILE, TunePlan
 from llamapro.tune.plot import plot_pareto
+from llamapro.tune.space import flat_params, space_keys
 
 
 def _stops(exp_dir: Path) -> dict:
@@ -66,7 +67,8 @@ def collect_rows(grid, plan: TunePlan) -> list[dict]:
             status = "unfinished"
         meta = read_metadata(rd / "expanded") if (rd / "expanded").is_dir() else None
         row = {"trial_id": tid, "status": status}
-        row.update({k: _cell((r.config or {}).get(k)) for k in plan.space})
+        params = flat_params(r.config)
+        row.update({k: _cell(params.get(k)) for k in space_keys(plan.space, plan.mode_space)})
         row["new_layers"] = _cell(meta.new_layer_indices) if meta else None
         row["num_layers"] = meta.num_layers if meta else None
         row.update({"step": m.get("step"), "tokens": m.get("tokens")})
@@ -91,6 +93,17 @@ def pick_best(rows: list[dict]) -> dict | None:
     return max(pool, key=lambda r: r["objective"]) if pool else None
 
 
+def pick_best_by_mode(rows: list[dict]) -> dict[str, dict]:
+    """A method comparison: per train.mode, its own best trial by the same objective (each method
+    at its own best learning rate; never one LR chosen for all)."""
+    out = {}
+    for mode in dict.fromkeys(r.get("train.mode") for r in rows if r.get("train.mode")):
+        best = pick_best([r for r in rows if r.get("train.mode") == mode])
+        if best is not None:
+            out[mode] = best
+    return out
+
+
 def _md(v) -> str:
     if v is None:
         return ""
@@ -107,7 +120,9 @@ def write_outputs(rows: list[dict], plan: TunePlan) -> dict:
         w.writeheader()
         w.writerows(rows)
     best = pick_best(rows)
-    show = ["trial_id", "status", *plan.space, "new_layers", "step", "domain_gain", "forgetting",
+    by_mode = pick_best_by_mode(rows) if "train.mode" in plan.space else {}
+    show = ["trial_id", "status", *space_keys(plan.space, plan.mode_space), "new_layers", "step",
+            "domain_gain", "forgetting",
             "objective", "feasible", "checkpoint"]
     lines = [f"# Tune experiment {plan.name}", "",
              f"Objective (maximised): domain gain on {', '.join(plan.domain_sets)} "
@@ -119,10 +134,27 @@ def write_outputs(rows: list[dict], plan: TunePlan) -> dict:
         cells = [_md(r.get(c)) for c in show]
         if best is not None and r["trial_id"] == best["trial_id"]:
             cells[0] = f"**{cells[0]}** (best)"
+        elif any(b["trial_id"] == r["trial_id"] for b in by_mode.values()):
+            cells[0] = f"**{cells[0]}** (best {r['train.mode']})"
         lines.append("| " + " | ".join(cells) + " |")
     if best is not None:
         lines += ["", f"Best: `{best['trial_id']}`; its config: `best.yaml` "
                       f"(`llamapro train --config {exp_dir / 'best.yaml'}`)."]
+    best_by_mode = {}
+    if by_mode:
+        lines += ["", "Best per method (each at its own best point by the same objective):", ""]
+        for mode, b in by_mode.items():
+            path = write_best_config(b, plan, f"best-{mode}.yaml")
+            best_by_mode[mode] = {k: b.get(k) for k in ("trial_id", "train.lr", "domain_gain",
+                                                        "forgetting", "objective", "model", "trial_dir")}
+            best_by_mode[mode].update({k: b.get(k) for k in space_keys(plan.space, plan.mode_space)})
+            best_by_mode[mode]["config"] = str(path)
+            lines.append(f"- {mode}: `{b['trial_id']}` lr {_md(b.get('train.lr'))}, objective "
+                         f"{_md(b['objective'])} (gain {_md(b['domain_gain'])}, forgetting "
+                         f"{_md(b['forgetting'])}); config `{path.name}`")
+        missing = [m for m in plan.space["train.mode"]["grid"] if m not in by_mode]
+        if missing:
+            lines.append(f"- no completed feasible trial: {', '.join(missing)}")
     (exp_dir / "results.md").write_text("\n".join(lines) + "\n")
     plotted = plot_pareto(rows, plan, best, exp_dir / "pareto.png")
     best_yaml = None
@@ -136,18 +168,19 @@ def write_outputs(rows: list[dict], plan: TunePlan) -> dict:
             "best": best, "best_config": str(best_yaml) if best_yaml else None,
             "results_csv": str(exp_dir / "results.csv"), "results_md": str(exp_dir / "results.md"),
             "pareto_png": str(exp_dir / "pareto.png") if plotted else None,
+            "best_by_mode": best_by_mode,
             "objective": {"domain_sets": plan.domain_sets, "retention_sets": plan.retention_sets,
                           "forgetting_penalty": plan.penalty, "max_forgetting": plan.max_forgetting}}
 
 
-def write_best_config(best: dict, plan: TunePlan) -> Path:
+def write_best_config(best: dict, plan: TunePlan, filename: str = "best.yaml") -> Path:
     """The best trial's exact training config, as a run of its own under run.output_dir."""
     exp_dir = Path(plan.exp_dir)
     d = yaml.safe_load((Path(best["trial_dir"]) / "config.yaml").read_text())
-    d["run"]["name"] = f"{plan.name}-best"
+    d["run"]["name"] = f"{plan.name}-{Path(filename).stem}"
     d["run"]["output_dir"] = plan.base["run"]["output_dir"]
     from_dict(Config, d)  # it must load as it is
-    out = exp_dir / "best.yaml"
+    out = exp_dir / filename
     head = [f"# The best configuration of tune experiment {plan.name}: trial {best['trial_id']}",
             f"# (objective {best['objective']:.6f} = domain gain {best['domain_gain']:.6f} - "
             f"{plan.penalty:g} x forgetting {best['forgetting']:.6f}; new layers {best['new_layers']}).",
@@ -171,4 +204,7 @@ def format_summary(s: dict) -> str:
         lines.append(f"best config: {s['best_config']}  ->  llamapro train --config {s['best_config']}")
     else:
         lines.append("no trial completed feasibly: no best config written (see results.md)")
+    for mode, b in (s.get("best_by_mode") or {}).items():
+        lines.append(f"best {mode}: {b['trial_id']} lr {b.get('train.lr')} objective {b['objective']:.4f} "
+                     f"(domain gain {b['domain_gain']:.4f}, forgetting {b['forgetting']:.4f})")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from llamapro.pipeline import eval_blocks, expand_step, expanded_dir, run_dir
 from llamapro.tensors import write_json_atomic
 from llamapro.tune.objective import TrialObjective
 from llamapro.tune.plan import TunePlan
-from llamapro.tune.space import apply_params, check_stages, eval_rows_of, shares_data
+from llamapro.tune.space import apply_params, check_stages, eval_rows_of, flat_params, shares_data
 
 
 def _whole_rows(evals: dict, world: int) -> dict:
@@ -66,7 +66,9 @@ def _reporting(objective: TrialObjective) -> dict:
 
 
 def trial_config(plan: TunePlan, params: dict, trial_id: str) -> Config:
-    d = apply_params(copy.deepcopy(plan.base), params)
+    """The trial's training config: the plan's base with the trial's point put in. A point whose
+    train.mode is a baseline trains the unexpanded base at the same budget (``baseline_of``)."""
+    d = apply_params(copy.deepcopy(plan.base), flat_params(params))
     d["run"]["output_dir"] = str(Path(plan.exp_dir) / "trials")
     d["run"]["name"] = trial_id
     return from_dict(Config, d)
@@ -103,7 +105,7 @@ def trial_evals(cfg: Config, plan: TunePlan, shared: dict) -> tuple[dict, dict]:
         evals = {k: {"input_ids": v["input_ids"][:n], "labels": v["labels"][:n]}
                  for k, v in shared["evals"].items()}
     else:
-        evals = eval_blocks(cfg, str(expanded_dir(cfg)), n)
+        evals = eval_blocks(cfg, str(trial_model_dir(cfg)), n)
     sets = plan.domain_sets + plan.retention_sets
     evals = _whole_rows({k: v for k, v in evals.items() if k in sets}, tc.num_workers)
     missing = [s for s in sets if s not in evals]
@@ -115,6 +117,12 @@ def trial_evals(cfg: Config, plan: TunePlan, shared: dict) -> tuple[dict, dict]:
                            tc.micro_batch_size, "bfloat16" if bf16 else "float32",
                            cfg.model.trust_remote_code)
     return evals, baseline
+
+
+def trial_model_dir(cfg: Config) -> Path:
+    """What a trial trains: its own expansion of the base (mode llamapro), or the unexpanded base
+    itself (a baseline: full, lora, freeze_last_n; never written to)."""
+    return expanded_dir(cfg) if cfg.train.mode == "llamapro" else Path(cfg.model.base)
 
 
 def run_trial(params: dict, plan: TunePlan, shared: dict | None = None) -> None:
@@ -131,14 +139,16 @@ def run_trial(params: dict, plan: TunePlan, shared: dict | None = None) -> None:
     rd = run_dir(cfg)
     rd.mkdir(parents=True, exist_ok=True)
     (rd / "config.yaml").write_text(training_yaml(cfg))
-    (rd / "trial.json").write_text(json.dumps({"trial_id": trial_id, "params": params}, default=str))
-    # expansion inside the trial, from the base, streaming; a restarted trial reuses its own
-    exp = expanded_dir(cfg)
-    meta = read_metadata(exp) if exp.is_dir() else None
-    if meta is None or (cfg.expand.verify and not (meta.verification or {}).get("ok")):
-        meta = ExpansionMetadata.of(expand_step(cfg, force=True, progress=False))
-    require_proven(meta, cfg.train.allow_unproven, str(exp))
-    check_stages(cfg, len(meta.new_layer_indices))
+    (rd / "trial.json").write_text(json.dumps({"trial_id": trial_id, "params": flat_params(params)},
+                                              default=str))
+    exp = trial_model_dir(cfg)
+    if cfg.train.mode == "llamapro":
+        # expansion inside the trial, from the base, streaming; a restarted trial reuses its own
+        meta = read_metadata(exp) if exp.is_dir() else None
+        if meta is None or (cfg.expand.verify and not (meta.verification or {}).get("ok")):
+            meta = ExpansionMetadata.of(expand_step(cfg, force=True, progress=False))
+        require_proven(meta, cfg.train.allow_unproven, str(exp))
+        check_stages(cfg, len(meta.new_layer_indices))
     tc = cfg.train
     # every held-out evaluation is a Tune report (ASHA decides there) and a checkpoint
     tc_run = dataclasses.replace(tc, checkpoint_every=tc.eval_every)

@@ -1,0 +1,169 @@
+"""The evidence study (issue 17): llamapro against full fine-tuning, LoRA and freeze_last_n at an
+equal token budget on the same data, each method at its own best learning rate, measured on what
+the product promises (learn the new domain, forget nothing else).
+
+    python benchmarks/study.py --config jobs/configs/study_demo.yaml --out runs/study [KEY=VALUE ...]
+
+It drives the product's own path, in three steps, each resumable (run the same command again):
+
+1. ``llamapro tune --config CFG run.output_dir=OUT`` (the experiment in OUT/<tune.name>): one Ray
+   Tune experiment over train.mode x train.lr (tune.space + tune.mode_space); a baseline trial
+   trains the unexpanded base at the same budget (``baseline_of``), a llamapro trial its own
+   expansion; an interrupted experiment resumes.
+2. The best trial of each method by the experiment's objective (``summary.json``'s
+   ``best_by_mode``). With ``--partial`` (an experiment cut short), the completed trials are read
+   from their run directories instead and ranked by the same objective.
+3. ``llamapro compare --config CFG --out OUT METHOD=TRIAL_DIR ...``: the domain set, the replayed
+   and the not-replayed retention sets, the knowledge battery (the base's answers scored once),
+   greedy agreement; compare.md/.csv/.json and pareto.png in OUT (evaluations are reused).
+
+Also written to OUT: ``chosen_lrs.json`` / ``chosen_lrs.md`` (each method's grid, the LR chosen
+and its objective) and ``study.json`` (the command lines, the token budget, timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llamapro.config import load_config  # noqa: E402
+from llamapro.jsonl import read_records  # noqa: E402
+from llamapro.tensors import write_json_atomic  # noqa: E402
+from llamapro.tune.objective import objective_metrics  # noqa: E402
+from llamapro.tune.plan import objective_sets  # noqa: E402
+from llamapro.tune.space import method_points  # noqa: E402
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "llamapro.cli", *args]
+
+
+def _run(cmd: list[str], say) -> int:
+    say("$ " + " ".join(cmd))
+    return subprocess.run(cmd, cwd=ROOT).returncode
+
+
+def trials_from_dirs(exp: Path, cfg) -> list[dict]:
+    """Completed trials read from their run directories (an experiment cut short has no
+    summary): params from trial.json, the last held-out evaluation from metrics.jsonl, the base's
+    losses from the experiment's cache, the objective as the experiment computes it."""
+    domain, retention = objective_sets(cfg)
+    sets = domain + retention
+    baselines = [json.loads(p.read_text()) for p in sorted((exp / "baselines").glob("*.json"))]
+    rows = []
+    for td in sorted((exp / "trials").iterdir()) if (exp / "trials").is_dir() else []:
+        if not ((td / "model" / "config.json").is_file() and (td / "trial.json").is_file()):
+            continue  # not finished: the model is written at the end of the budget
+        params = json.loads((td / "trial.json").read_text())["params"]
+        evals = [e for e in read_records(td / "metrics.jsonl") if e.get("event") == "eval"]
+        if not evals:
+            continue
+        losses = evals[-1]["eval_loss"]
+        base = next((b for b in baselines if set(sets) <= set(b)), None)
+        if base is None or not set(sets) <= set(losses):
+            continue
+        m = objective_metrics(losses, base, domain, retention, cfg.tune.forgetting_penalty,
+                              cfg.tune.max_forgetting)
+        rows.append({"trial_id": td.name, "trial_dir": str(td), "model": str(td / "model"),
+                     "train.mode": params.get("train.mode"), "train.lr": params.get("train.lr"),
+                     **{k: m[k] for k in ("domain_gain", "forgetting", "objective", "feasible")}})
+    return rows
+
+
+def best_by_mode(rows: list[dict]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for r in rows:
+        if not r["feasible"]:
+            continue
+        m = r["train.mode"]
+        if m not in out or r["objective"] > out[m]["objective"]:
+            out[m] = r
+    return out
+
+
+def lr_table(cfg, chosen: dict[str, dict], tokens: int) -> str:
+    grids = {}
+    for p in method_points(cfg.tune.space, cfg.tune.mode_space):
+        grids.setdefault(p["train.mode"], []).append(p.get("train.lr"))
+    lines = ["# Learning rates chosen by the sweep", "",
+             f"One Tune experiment over train.mode x train.lr, {tokens:,} training tokens per trial; "
+             f"objective (maximised, the same for every method): domain gain - "
+             f"{cfg.tune.forgetting_penalty:g} x max(0, forgetting), nats/token against the base.", "",
+             "| method | LR grid | chosen LR | objective | domain gain | forgetting | trial |",
+             "|---|---|---|---|---|---|---|"]
+    for mode, grid in grids.items():
+        b = chosen.get(mode)
+        g = ", ".join(f"{v:g}" for v in sorted(grid))
+        if b is None:
+            lines.append(f"| {mode} | {g} | (no completed trial) | | | | |")
+            continue
+        lines.append(f"| {mode} | {g} | {b['train.lr']:g} | {b['objective']:.4f} | {b['domain_gain']:.4f} "
+                     f"| {b['forgetting']:.4f} | {b['trial_id']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="a study config (e.g. jobs/configs/study_demo.yaml)")
+    ap.add_argument("--out", required=True, help="the study directory (the experiment is OUT/<tune.name>)")
+    ap.add_argument("--partial", action="store_true",
+                    help="skip the tune step; compare the best completed trial of each method so far")
+    ap.add_argument("--skip-compare", action="store_true", help="run the sweep only")
+    ap.add_argument("overrides", nargs="*", help="dotted config overrides, passed to tune and compare")
+    a = ap.parse_args(argv)
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    say = print
+    overrides = [f"run.output_dir={out}", *a.overrides]
+    cfg = load_config(a.config, overrides)
+    if "train.mode" not in cfg.tune.space:
+        say("error: the study config's tune.space must search train.mode (llamapro and the baselines)")
+        return 2
+    exp = out / cfg.tune.experiment_name(cfg.run.name)
+    t0 = time.time()
+    timings = {}
+    if not a.partial:
+        code = _run(_cli("tune", "--config", a.config, *overrides), say)
+        timings["tune_s"] = round(time.time() - t0, 1)
+        if code != 0:
+            say(f"error: llamapro tune exited {code}; rerun the same command to resume, or "
+                "--partial to compare the completed trials")
+            return code
+        summary = json.loads((exp / "summary.json").read_text())
+        chosen = summary.get("best_by_mode") or {}
+    else:
+        chosen = best_by_mode(trials_from_dirs(exp, cfg))
+    if not chosen:
+        say(f"error: no completed trial in {exp}")
+        return 1
+    tc = cfg.train
+    tokens = tc.total_steps(cfg.data.seq_len) * tc.micro_batch_size * tc.grad_accum * tc.num_workers \
+        * cfg.data.seq_len
+    write_json_atomic(out / "chosen_lrs.json", {m: {k: b.get(k) for k in (
+        "trial_id", "train.lr", "objective", "domain_gain", "forgetting", "trial_dir")} for m, b in chosen.items()},
+        indent=2)
+    (out / "chosen_lrs.md").write_text(lr_table(cfg, chosen, tokens))
+    say((out / "chosen_lrs.md").read_text())
+    code = 0
+    if not a.skip_compare:
+        t1 = time.time()
+        runs = [f"{m}={b['trial_dir']}" for m, b in chosen.items()]
+        sets = [x for ov in overrides for x in ("--set", ov)]
+        code = _run(_cli("compare", "--config", a.config, "--out", str(out), *sets, *runs), say)
+        timings["compare_s"] = round(time.time() - t1, 1)
+    write_json_atomic(out / "study.json", {"config": a.config, "overrides": overrides, "tokens_per_run": tokens,
+                                            "partial": a.partial, "chosen": sorted(chosen), **timings,
+                                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                      indent=2)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
