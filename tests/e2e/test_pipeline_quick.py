@@ -1,6 +1,10 @@
-"""The main job, quick: every step on the real SmolLM2 and the real demo corpora."""
+"""The main job, quick: every step on the real SmolLM2 and the real demo corpora.
+
+The run is the e2e tier's one training run (``quick_run`` in tests/e2e/conftest.py), shared with
+test_eval_smollm2.py."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,22 +12,15 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[2]
+
+PROGRESS = re.compile(r"^      train stage (\d)/2 step (\d+)/4 loss \d+\.\d{4} \| [\d,]+ tok/s \| "
+                      r"\d+:\d\d elapsed, ~\d+:\d\d left$", re.M)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline")
-    r = subprocess.run([sys.executable, "-m", "llamapro.cli", "run", "--config",
-                        str(ROOT / "jobs/configs/demo.yaml"), "--quick", f"run.output_dir={out}",
-                        "run.name=quick",
-                        # the optional fuse step, with a fixed strength (auto is tested on tiny models)
-                        "fuse.enabled=true", "fuse.method=weighted", "fuse.alpha=0.5"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=1800)
-    assert r.returncode in (0, 4), r.stdout[-3000:] + r.stderr[-3000:]
-    for step in ("[1/7]", "[2/7]", "[4/7]", "[5/7]", "[6/7]", "[7/7]"):
-        assert step in r.stdout  # progress for each step
-    return out / "quick", r
+def run(quick_run):
+    """The session's quick pipeline run (tests/e2e/conftest.py): ``llamapro run --quick`` with fuse."""
+    return quick_run
 
 
 def test_expanded_checkpoint_with_proof(run):
@@ -58,16 +55,30 @@ def test_report_with_real_plots(run):
     assert all(s["base"]["ppl"] > 1 and s["trained"]["ppl"] > 1 for s in res["sets"].values())
 
 
-def test_export_loads_in_plain_transformers(run):
+@pytest.fixture(scope="module")
+def plain(run):
+    """RUN/export and RUN/fused loaded by plain transformers in ONE fresh interpreter that never
+    imports llamapro (one interpreter start for both: torch and transformers import once)."""
     d, _ = run
-    code = (f"import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+    code = (f"import json, sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             f"m = AutoModelForCausalLM.from_pretrained({str(d / 'export')!r}); "
             f"t = AutoTokenizer.from_pretrained({str(d / 'export')!r})\n"
-            "assert 'llamapro' not in sys.modules and m.config.num_hidden_layers == 36\n"
             "ids = t('The Debian package manager', return_tensors='pt')\n"
-            "print(t.decode(m.generate(**ids, max_new_tokens=5, do_sample=False)[0]))")
+            "out = m.generate(**ids, max_new_tokens=5, do_sample=False)[0]\n"
+            f"f = AutoModelForCausalLM.from_pretrained({str(d / 'fused')!r})\n"
+            "print(json.dumps({'llamapro_imported': 'llamapro' in sys.modules, 'text': t.decode(out),\n"
+            "                  'new_tokens': len(out) - ids['input_ids'].shape[1],\n"
+            "                  'export_layers': m.config.num_hidden_layers,\n"
+            "                  'fused_layers': f.config.num_hidden_layers}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_export_loads_in_plain_transformers(run, plain):
+    d, _ = run
+    assert not plain["llamapro_imported"] and plain["export_layers"] == 36
+    assert plain["new_tokens"] > 0, plain["text"]  # it generates
     assert (d / "export" / "README.md").read_text().startswith("---")
 
 
@@ -78,7 +89,7 @@ def test_served_answer(run):
     assert "served answer" in r.stdout
 
 
-def test_fused_model_is_half_way_and_loads_in_plain_transformers(run):
+def test_fused_model_is_half_way_and_loads_in_plain_transformers(run, plain):
     """`fuse.enabled` in the pipeline: RUN/fused is a standard model whose inserted blocks are
     (1 - alpha) x their identity initialisation + alpha x trained; with alpha 0.5 a zeroed
     residual writer becomes half its trained value, and an original layer is untouched."""
@@ -103,16 +114,14 @@ def test_fused_model_is_half_way_and_loads_in_plain_transformers(run):
     assert (fused - 0.5 * trained).abs().max() <= 1e-6 * max(1.0, float(trained.abs().max()))
     orig = "model.layers.0.mlp.down_proj.weight"
     assert bool((tensor(d / "fused", orig) == tensor(d / "export", orig)).all())
-    code = (f"import sys; from transformers import AutoModelForCausalLM\n"
-            f"m = AutoModelForCausalLM.from_pretrained({str(d / 'fused')!r})\n"
-            "assert 'llamapro' not in sys.modules and m.config.num_hidden_layers == 36")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert not plain["llamapro_imported"] and plain["fused_layers"] == 36  # plain transformers loads it
 
 
 def test_the_runs_pack_applied_to_a_fresh_base_generates_like_the_export(run, tmp_path):
     """The pipeline writes RUN/pack beside RUN/export: applied to a fresh copy of the base it gives
-    the export's tensors and the export's greedy answers, at a fraction of the size."""
+    the export's tensors and the export's greedy answers, at a fraction of the size; and the
+    blocks matter (not a vacuous comparison): the applied model's logits are not the base's.
+    (Was also test_pack_smollm2.py, on a stand-in for training: this is the real trained run.)"""
     import shutil
 
     import torch
@@ -142,9 +151,29 @@ def test_the_runs_pack_applied_to_a_fresh_base_generates_like_the_export(run, tm
     tok = AutoTokenizer.from_pretrained(str(d / "export"))
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    answers = []
-    for m in (tmp_path / "applied", d / "export"):
+    answers, logits = [], []
+    for m in (tmp_path / "applied", d / "export", fresh):
         model = AutoModelForCausalLM.from_pretrained(str(m), dtype=torch.float32).eval()
         with torch.no_grad():
-            answers.append(model.generate(**ids, max_new_tokens=12, do_sample=False)[0].tolist())
+            logits.append(model(**ids).logits)
+            if m != fresh:
+                answers.append(model.generate(**ids, max_new_tokens=12, do_sample=False)[0].tolist())
     assert answers[0] == answers[1]
+    assert torch.equal(logits[0], logits[1])
+    assert (logits[0] - logits[2]).abs().max().item() > 1e-4  # the trained blocks change the base
+
+
+def test_console_shows_progress_and_ray_output_is_in_the_run_log(run):
+    """issue 17: the demo's console shows step, stage, loss, tokens/s and time left; Ray's INFO
+    logs and the workers' raw output go to RUN/logs/ray.log, not over the user's screen.
+    (H-console's test, on this run.)"""
+    d, r = run
+    lines = PROGRESS.findall(r.stdout)
+    assert lines and lines[-1][:2] == ("2", "4"), r.stdout[-3000:]  # QUICK: 2 stages, 4 steps
+    screen = r.stdout + r.stderr
+    for noise in ("Started a local Ray instance", "(RayTrainWorker", "(TrainController",
+                  "(SplitCoordinator", "(ServeController", "Progress bars disabled"):
+        assert noise not in screen, f"{noise!r} reached the screen:\n{screen[-3000:]}"
+    log = (d / "logs" / "ray.log").read_text()
+    assert f"Ray's logs: {d / 'logs' / 'ray.log'}" in r.stdout
+    assert "Started a local Ray instance" in log and re.search(r"\(RayTrainWorker pid=\d+\) \[llamapro\] step", log)
