@@ -2,6 +2,8 @@
 logits (f16: exactly those of the weights rounded to f16; bf16 is covered by the unit tests) and, quantized to Q8_0,
 with held-out perplexity on real text within 5% of the full-precision model's."""
 
+import copy
+
 import pytest
 import torch
 
@@ -39,8 +41,10 @@ def test_f16_gguf_logits_match_and_it_chats(demo, tmp_path):
     ids = tok.apply_chat_template(msgs, **kw)["input_ids"]
     gids = gtok.apply_chat_template(msgs, **kw)["input_ids"]
     assert torch.equal(ids, gids)
-    rounded = type(ref)(ref.config).eval()
-    rounded.load_state_dict({k: v.to(torch.float16).float() for k, v in ref.state_dict().items()})
+    rounded = copy.deepcopy(ref)  # the same model with its weights rounded to f16 (no fresh init)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.float16).float())
     with torch.no_grad():
         want, got, full = rounded(input_ids=ids).logits, m(input_ids=ids).logits, ref(input_ids=ids).logits
         answer = m.generate(input_ids=ids, max_new_tokens=12, do_sample=False)

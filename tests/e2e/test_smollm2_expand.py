@@ -1,5 +1,7 @@
 """The real SmolLM2-135M-Instruct: 30 -> 36 layers with `even`, proven identical."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -25,11 +27,16 @@ def demo_base():
 
 @pytest.fixture(scope="module")
 def expanded(demo_base, tmp_path_factory):
+    # `llamapro expand` in this process (the CLI's own main; `python -m llamapro.cli` as a command
+    # runs in tests/e2e/conftest.py's quick_run): no second interpreter importing torch again
+    from llamapro.cli import main
+
     out = tmp_path_factory.mktemp("smol") / "expanded"
-    r = subprocess.run([sys.executable, "-m", "llamapro.cli", "expand", str(demo_base), str(out),
-                        "--blocks", "6", "--strategy", "even", "-q"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "PROVEN" in r.stdout
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["expand", str(demo_base), str(out), "--blocks", "6", "--strategy", "even", "-q"])
+    assert code == 0, buf.getvalue()
+    assert "PROVEN" in buf.getvalue()
     return out
 
 
@@ -71,10 +78,9 @@ print(json.dumps(out))
     assert "Paris" in results[0][1]
 
 
-def test_strip_gives_back_the_base(expanded, demo_base, tmp_path):
+def test_strip_gives_back_the_base(expanded, demo_base, tmp_path, capsys):
+    from llamapro.cli import main
     from llamapro.tensors import content_digest
 
-    r = subprocess.run([sys.executable, "-m", "llamapro.cli", "strip", str(expanded),
-                        str(tmp_path / "restored"), "-q"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert main(["strip", str(expanded), str(tmp_path / "restored"), "-q"]) == 0, capsys.readouterr().err
     assert content_digest(tmp_path / "restored") == content_digest(demo_base)
