@@ -125,11 +125,15 @@ class LocalCluster:
         return node
 
     def add_node(self, num_cpus: int, resources: dict | None = None, timeout: float = 240,
-                 env: dict | None = None) -> Node:
+                 env: dict | None = None, wait: bool = True) -> Node:
         """Start a worker node (`ray start --address`) and wait until the cluster counts it.
-        ``env`` adds to this node's environment (its workers inherit it)."""
+        ``env`` adds to this node's environment (its workers inherit it). ``wait=False`` returns
+        once its `ray start` runs (it joins while the caller goes on, e.g. a replacement node
+        booting while the cluster notices the failure it replaces)."""
         known = {n["node_id"] for n in self.alive_nodes()}  # (a just-killed node may still count)
         node = self._start(["--address", self.gcs_address], num_cpus, resources, env)
+        if not wait:
+            return node
         try:
             self._wait(lambda: {n["node_id"] for n in self.alive_nodes()} - known, timeout,
                        "the new node")
@@ -261,6 +265,6 @@ def wait_job(client, job_id: str, timeout: float = 600) -> str:
         status = str(client.get_job_status(job_id).value)
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             return status
-        time.sleep(1)
+        time.sleep(0.25)
     client.stop_job(job_id)
     raise TimeoutError(f"job {job_id} still running after {timeout:.0f}s")

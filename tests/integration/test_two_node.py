@@ -146,14 +146,19 @@ def test_training_resumes_after_losing_a_node(work):
         killed_after = max(reg)
         assert killed_after < MAX_STEPS, "the run ended before the node could be lost"
         before = _actors(cluster)
+        # the replacement boots while the cluster notices the loss and Train restarts the group
+        # (its `ray start` takes seconds: it cannot join before the kill below)
+        replacement = cluster.add_node(num_cpus=NODE_CPUS, env={"LLAMAPRO_CACHE": str(caches[2])},
+                                       wait=False)
         cluster.kill_node(worker_node)
-        cluster.add_node(num_cpus=NODE_CPUS, env={"LLAMAPRO_CACHE": str(caches[2])})  # a replacement
 
         placed_again, deadline = None, time.monotonic() + 600
         while time.monotonic() < deadline:
             status = str(client.get_job_status(job).value)
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 break
+            assert replacement.proc.poll() is None, "the replacement node's `ray start` exited:\n" + \
+                replacement.log.read_text()[-3000:]
             new = _worker_pids(runs)  # the restarted workers overwrite the pid files
             if placed_again is None and len(new) == 2 and not set(new.values()) & set(pids.values()):
                 where = _placement(cluster, new)
