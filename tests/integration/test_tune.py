@@ -1,8 +1,9 @@
 """`llamapro tune` on CPU: Ray Tune over real Ray Train + DeepSpeed trials of a tiny Llama.
 
-One experiment searches the four placement strategies (grid) with the LR drawn from a good and a
-hopeless value (choice, seeded: tune.seed 11 draws good, good, hopeless, good, so the hopeless trial
-starts after good ones have reported and ASHA must stop it at its first rung). It is started with
+One experiment searches two placement strategies (grid) with the LR drawn from a good and a
+hopeless value (choice, seeded: tune.seed 1 draws good, then hopeless). One trial runs at a time, so
+the hopeless trial starts after the good one has reported, and ASHA must stop it at its one rung
+(step 2 of 4). It is started with
 the `llamapro tune` command in a subprocess that is killed once a trial has a checkpoint, then the
 same command resumes it (Tuner.restore; each Train run from its own checkpoint). The tests check the
 table (CSV + Markdown), the Pareto plot, the best config (rerun with the function `llamapro train`
@@ -31,6 +32,12 @@ from tests.unit.eval_support import char_tokenizer
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 GOOD_LR, HOPELESS_LR = 3e-3, 1e-9
+MAX_STEPS = 4
+# ASHA with grace_period 2, reduction_factor 4, max_t 4 has one rung, at step 2. Each trial evaluates,
+# reports and checkpoints at every step. Tuner.restore restarts the scheduler empty (Ray keeps no
+# scheduler state), so the good trial, resumed from its checkpoint at step 1, 2 or 3, must still be
+# recorded at that rung after the restore: its first report at or beyond step 2 is (a rung at 4 would
+# take a report at step 4 instead, and the hopeless trial would then meet an empty rung).
 
 
 def _free_port() -> int:
@@ -85,15 +92,15 @@ def _config(d: Path, name: str, space: dict, **tune) -> Path:
         "data": {"seq_len": 32, "actors": 1, "sources": [
             {"name": "dom", "paths": [str(d / "dom")], "weight": 0.7, "eval_fraction": 0.1},
             {"name": "ret", "paths": [str(d / "ret")], "weight": 0.3, "eval_fraction": 0.1}]},
-        "train": {"max_steps": 8, "lr": GOOD_LR, "micro_batch_size": 4, "num_workers": 1,
-                  "eval_every": 2, "eval_batches": 2, "checkpoint_every": 4, "zero_stage": 2,
+        "train": {"max_steps": MAX_STEPS, "lr": GOOD_LR, "micro_batch_size": 4, "num_workers": 1,
+                  "eval_every": 1, "eval_batches": 2, "checkpoint_every": MAX_STEPS, "zero_stage": 2,
                   "warmup_ratio": 0.0,
                   # fp32 on every machine: under bf16 (dtype auto where native) the frozen originals
                   # are bf16-rounded, so a model that learned nothing sits ~5e-4 nats off the fp32
                   # base and the hopeless trial's gain could not be checked at 1e-4
                   "dtype": "float32"},
-        "tune": {"num_samples": 1, "max_concurrent": 2, "forgetting_penalty": 1.0,
-                 "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
+        "tune": {"num_samples": 1, "max_concurrent": 1, "forgetting_penalty": 1.0,
+                 "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 4},
                  "space": space, **tune},
     }
     p = d / f"{name}.yaml"
@@ -119,9 +126,9 @@ def experiment(tune_ray, workspace):
     running the same command again."""
     from llamapro import cli
 
-    space = {"expand.placement": {"grid": ["even", "top", "bottom", "middle"]},
+    space = {"expand.placement": {"grid": ["even", "bottom"]},
              "train.lr": {"choice": [GOOD_LR, HOPELESS_LR]}}
-    cfg = _config(workspace, "search", space, seed=11)
+    cfg = _config(workspace, "search", space, seed=1)
     exp = workspace / "runs" / "search-tune"
     t0 = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_ADDRESS=tune_ray.get_runtime_context().gcs_address)
@@ -129,14 +136,18 @@ def experiment(tune_ray, workspace):
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     killed = None
-    while time.perf_counter() - t0 < 300 and p.poll() is None:
-        state = list((exp / "experiment").glob("experiment_state*.json"))
-        if state and _registered_checkpoints(exp):  # Tune's state saved, a Train checkpoint
-            os.killpg(p.pid, signal.SIGKILL)      # registered: interrupt the experiment
-            killed = time.perf_counter() - t0
-            break
-        time.sleep(0.2)
-    p.wait(timeout=60)
+    try:
+        while time.perf_counter() - t0 < 600 and p.poll() is None:
+            state = list((exp / "experiment").glob("experiment_state*.json"))
+            if state and _registered_checkpoints(exp):  # Tune's state saved, a Train checkpoint
+                os.killpg(p.pid, signal.SIGKILL)      # registered: interrupt the experiment
+                killed = time.perf_counter() - t0
+                break
+            time.sleep(0.2)
+    finally:  # never leave the experiment running (it holds the cluster's CPUs)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=60)
     assert killed is not None, "the experiment never reached a checkpoint"
     t1 = time.perf_counter()
     code = cli.main(["tune", "--config", str(cfg)])  # the same command, in this process
@@ -171,19 +182,19 @@ def test_interrupted_experiment_resumes(experiment):
 
 def test_trials_are_real_runs_and_asha_stops_the_hopeless(experiment):
     rows = _rows(experiment)
-    assert len(rows) == 4
+    assert len(rows) == 2
     lr = {r["expand.placement"]: float(r["train.lr"]) for r in rows}
     # the seeded draw (the same config samples the same trials)
-    assert lr == {"even": GOOD_LR, "top": GOOD_LR, "bottom": HOPELESS_LR, "middle": GOOD_LR}
+    assert lr == {"even": GOOD_LR, "bottom": HOPELESS_LR}
     hopeless = next(r for r in rows if r["expand.placement"] == "bottom")
     assert hopeless["status"] == "stopped early (asha, step 2)", hopeless
     assert int(hopeless["step"]) == 2 and abs(float(hopeless["domain_gain"])) < 1e-4
     done = [r for r in rows if r["status"] == "completed"]
-    assert done and all(int(r["step"]) == 8 for r in done)
+    assert [r["expand.placement"] for r in done] == ["even"] and int(done[0]["step"]) == MAX_STEPS
     # each trial expanded the base itself (its own directory) with its own placement
     layers = {r["expand.placement"]: json.loads(r["new_layers"]) for r in rows}
-    assert layers == {"even": [2, 5], "top": [4, 5], "bottom": [0, 1], "middle": [2, 3]}
-    assert len({r["trial_dir"] for r in rows}) == 4
+    assert layers == {"even": [2, 5], "bottom": [0, 1]}
+    assert len({r["trial_dir"] for r in rows}) == 2
     for r in rows:
         meta = json.loads((Path(r["trial_dir"]) / "expanded" / "llamapro.json").read_text())
         assert meta["verification"]["ok"]  # the identity was proven inside the trial
@@ -227,7 +238,7 @@ def test_outputs_table_plot_and_best_config_reruns(experiment, workspace):
 
     exp_dir = Path(experiment["dir"])
     md = (exp_dir / "results.md").read_text()
-    assert md.count("\n| ") >= 5 and "(best)" in md and "stopped early (asha" in md
+    assert md.count("\n| ") >= 3 and "(best)" in md and "stopped early (asha" in md
     png = exp_dir / "pareto.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     best = experiment["best"]
@@ -245,7 +256,7 @@ def test_outputs_table_plot_and_best_config_reruns(experiment, workspace):
     assert cli.main(["train", "--config", str(best_yaml)]) == 0
     meta = json.loads((workspace / "runs" / "search-tune-best" / "model" / "llamapro.json").read_text())
     assert meta["new_layer_indices"] == json.loads(best["new_layers"])
-    assert meta["training"]["steps"] == 8
+    assert meta["training"]["steps"] == MAX_STEPS
 
 
 def test_bad_tune_configs_fail_before_any_trial(workspace):
