@@ -1,6 +1,6 @@
 """The console of `llamapro run` / `train`: the driver's progress lines (from metrics.jsonl
 records) and Ray's own output kept in RUN/logs/ray.log (issue 17, last bullet). The real run is
-tests/integration/test_console.py."""
+tests/integration/test_console_train.py."""
 
 from __future__ import annotations
 
