@@ -42,6 +42,7 @@ def test_a_line_per_step_at_most_every_few_seconds_with_stage_loss_speed_and_tim
             lines[k] = line
     # first step, each stage's first and last step, and otherwise one line per 5 s
     assert sorted(lines) == [1, 2, 3, 8, 12]
+    # a fixed clock and fed records: this checks the line's format and arithmetic, never the machine's speed
     assert lines[1] == "      train stage 1/2 step 1/12 loss 4.9000 | 1,001 tok/s | 0:01 elapsed, ~0:11 left"
     # step 8: 1 s a step since step 1, 4 steps left; speed over the steps since the last line
     assert lines[8] == ("      train stage 2/2 step 8/12 loss 4.2000 | 1,006 tok/s | 0:08 elapsed, "
