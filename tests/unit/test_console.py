@@ -98,13 +98,22 @@ def test_tail_skips_old_records_and_torn_lines_and_reads_the_last_ones_at_exit(t
 # --- Ray's output into the log file ------------------------------------------------------------------
 
 
-def test_ray_logs_go_to_the_file_and_only_errors_to_the_screen(tmp_path, capsys):
+def test_ray_logs_go_to_the_file_and_only_errors_to_the_screen(tmp_path):
+    import io
+
     import ray  # noqa: F401  (configures the "ray" logger)
 
     from llamapro.runtime import active_log_file, ray_log_file
 
     lg = logging.getLogger("ray")
     levels = [h.level for h in lg.handlers]
+    # Ray's console handler holds the stderr of whichever test imported ray first (pytest's capture
+    # swaps sys.stderr per test), so read "the screen" from that handler itself, not from capsys
+    screen = io.StringIO()
+    consoles = [h for h in lg.handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    assert consoles, "ray's logger has no console handler: this test has nothing to check"
+    streams = [h.setStream(screen) for h in consoles]
     path = tmp_path / "logs" / "ray.log"
     with ray_log_file(path) as sink:
         assert active_log_file() is sink
@@ -114,12 +123,14 @@ def test_ray_logs_go_to_the_file_and_only_errors_to_the_screen(tmp_path, capsys)
         lg.error("a Ray error (test)")
         # a Ray logger configured later with its own console handler (as ray.serve does on import)
         late = logging.getLogger("ray.console_test_late")
-        late.propagate, late_handler = False, logging.StreamHandler()
+        late.propagate, late_handler = False, logging.StreamHandler(screen)
         late.addHandler(late_handler)
         sink.refresh_loggers()
         late.warning("a late logger's warning (test)")
     late.removeHandler(late_handler)
-    err = capsys.readouterr().err
+    for h, stream in zip(consoles, streams):
+        h.setStream(stream)
+    err = screen.getvalue()
     assert "a Ray error (test)" in err
     for msg in ("Started a local Ray instance", "Starting execution of Dataset", "Progress bars disabled",
                 "a late logger's warning"):
