@@ -17,6 +17,11 @@ It drives the product's own path, in three steps, each resumable (run the same c
    and the not-replayed retention sets, the knowledge battery (the base's answers scored once),
    greedy agreement; compare.md/.csv/.json and pareto.png in OUT (evaluations are reused).
 
+A method whose best LR is the highest (or lowest) one it tried has not been judged at its best:
+after the sweep, such methods get one more LR beyond that edge (the grid's own ratio between its two
+outermost points) in an extension experiment, ``OUT/<tune.name>-ext1``, and so on up to
+``--extend`` times (default 2). Every experiment's completed trials are ranked together.
+
 Also written to OUT: ``chosen_lrs.json`` / ``chosen_lrs.md`` (each method's grid, the LR chosen
 and its objective) and ``study.json`` (the command lines, the token budget, timings).
 """
@@ -25,10 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -77,6 +85,54 @@ def trials_from_dirs(exp: Path, cfg) -> list[dict]:
     return rows
 
 
+def edge_points(rows: list[dict], chosen: dict[str, dict]) -> dict[str, float]:
+    """Methods whose chosen LR is the highest or the lowest of the LRs they completed: the next LR
+    beyond that edge, one grid step further (the ratio between the two outermost LRs on that
+    side). A method with one LR tried has no step to take."""
+    out = {}
+    for mode, b in chosen.items():
+        lrs = sorted({r["train.lr"] for r in rows if r["train.mode"] == mode})
+        lr = b["train.lr"]
+        if len(lrs) < 2 or lr is None:
+            continue
+        if math.isclose(lr, lrs[-1], rel_tol=1e-9):
+            nxt = lr * lrs[-1] / lrs[-2]
+        elif math.isclose(lr, lrs[0], rel_tol=1e-9):
+            nxt = lr * lrs[0] / lrs[1]
+        else:
+            continue
+        if all(_on_ladder(v) for v in lrs):  # a 1-3-10 grid stays on it (1e-4 -> 3e-4, 3e-4 -> 1e-4)
+            nxt = min(_ladder(nxt), key=lambda v: abs(math.log(v / nxt)))
+        out[mode] = float(f"{nxt:.3g}")
+    return out
+
+
+def _ladder(x: float) -> list[float]:
+    e = math.floor(math.log10(x))
+    return [m * 10.0 ** k for k in (e - 1, e, e + 1) for m in (1, 3)]
+
+
+def _on_ladder(x: float) -> bool:
+    return any(math.isclose(x, v, rel_tol=1e-6) for v in _ladder(x))
+
+
+def extension_config(cfg_path: str | Path, name: str, points: dict[str, float], out: Path) -> Path:
+    """The study config with its tune space replaced by one LR per method to extend, as its own
+    experiment ``name`` (written to OUT/<name>.yaml; paths in it stay relative to the repository)."""
+    data = yaml.safe_load(Path(cfg_path).read_text())
+    tune = data.setdefault("tune", {})
+    space = {k: v for k, v in (tune.get("space") or {}).items() if k not in ("train.mode", "train.lr")}
+    first = next(iter(points.values()))
+    tune["name"] = name
+    tune["space"] = {"train.mode": {"grid": list(points)},
+                     "train.lr": {"grid": [points.get("llamapro", first)]}, **space}
+    tune["mode_space"] = {m: {"train.lr": {"grid": [lr]}} for m, lr in points.items() if m != "llamapro"}
+    path = out / f"{name}.yaml"
+    path.write_text("# written by benchmarks/study.py: the LRs beyond the edge of the sweep\n"
+                    + yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def best_by_mode(rows: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for r in rows:
@@ -88,23 +144,35 @@ def best_by_mode(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-def lr_table(cfg, chosen: dict[str, dict], tokens: int) -> str:
+def lr_table(cfg, chosen: dict[str, dict], tokens: int, rows: list[dict] | None = None,
+             extended: dict[str, list[float]] | None = None) -> str:
     grids = {}
     for p in method_points(cfg.tune.space, cfg.tune.mode_space):
         grids.setdefault(p["train.mode"], []).append(p.get("train.lr"))
+    for mode, lrs in (extended or {}).items():
+        grids.setdefault(mode, []).extend(lrs)
+    rows = rows or []
+    by_lr = {(r["train.mode"], r["train.lr"]): r["objective"] for r in rows}
+    edge = edge_points(rows, chosen) if rows else {}
     lines = ["# Learning rates chosen by the sweep", "",
-             f"One Tune experiment over train.mode x train.lr, {tokens:,} training tokens per trial; "
+             f"Ray Tune over train.mode x train.lr, {tokens:,} training tokens per trial; "
              f"objective (maximised, the same for every method): domain gain - "
-             f"{cfg.tune.forgetting_penalty:g} x max(0, forgetting), nats/token against the base.", "",
-             "| method | LR grid | chosen LR | objective | domain gain | forgetting | trial |",
+             f"{cfg.tune.forgetting_penalty:g} x max(0, forgetting), nats/token against the base. "
+             "LRs marked + were added beyond the edge of the first grid because the best LR was "
+             "on it.", "",
+             "| method | LRs tried (objective) | chosen LR | objective | domain gain | forgetting | trial |",
              "|---|---|---|---|---|---|---|"]
     for mode, grid in grids.items():
         b = chosen.get(mode)
-        g = ", ".join(f"{v:g}" for v in sorted(grid))
+        ext = set((extended or {}).get(mode, []))
+        g = ", ".join(f"{'+' if v in ext else ''}{v:g}"
+                      + (f" ({by_lr[(mode, v)]:.3f})" if (mode, v) in by_lr else " (not completed)")
+                      for v in sorted(set(grid)))
         if b is None:
             lines.append(f"| {mode} | {g} | (no completed trial) | | | | |")
             continue
-        lines.append(f"| {mode} | {g} | {b['train.lr']:g} | {b['objective']:.4f} | {b['domain_gain']:.4f} "
+        note = " (still the edge)" if mode in edge else ""
+        lines.append(f"| {mode} | {g} | {b['train.lr']:g}{note} | {b['objective']:.4f} | {b['domain_gain']:.4f} "
                      f"| {b['forgetting']:.4f} | {b['trial_id']} |")
     return "\n".join(lines) + "\n"
 
@@ -116,6 +184,9 @@ def main(argv=None) -> int:
     ap.add_argument("--partial", action="store_true",
                     help="skip the tune step; compare the best completed trial of each method so far")
     ap.add_argument("--skip-compare", action="store_true", help="run the sweep only")
+    ap.add_argument("--extend", type=int, default=2,
+                    help="times a method whose best LR is on the edge of those tried gets one more "
+                         "LR beyond it (0: never)")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, passed to tune and compare")
     a = ap.parse_args(argv)
     out = Path(a.out).resolve()
@@ -131,15 +202,37 @@ def main(argv=None) -> int:
     timings = {}
     if not a.partial:
         code = _run(_cli("tune", "--config", a.config, *overrides), say)
-        timings["tune_s"] = round(time.time() - t0, 1)
         if code != 0:
             say(f"error: llamapro tune exited {code}; rerun the same command to resume, or "
                 "--partial to compare the completed trials")
             return code
-        summary = json.loads((exp / "summary.json").read_text())
-        chosen = summary.get("best_by_mode") or {}
-    else:
-        chosen = best_by_mode(trials_from_dirs(exp, cfg))
+    # every experiment's completed trials, ranked together; extension k sees experiments 0..k-1
+    # only, so a rerun asks for the same extensions (and resumes them)
+    exps, extended = [exp], {}
+    rows = trials_from_dirs(exp, cfg)
+    chosen = best_by_mode(rows)
+    for k in range(1, a.extend + 1):
+        points = edge_points(rows, chosen)
+        if not points:
+            break
+        name = f"{exp.name}-ext{k}"
+        say("[study] best LR on the edge of those tried: "
+            + ", ".join(f"{m} {chosen[m]['train.lr']:g} -> also {lr:g}" for m, lr in points.items())
+            + f" (experiment {name})")
+        if a.partial and not (out / name).is_dir():
+            break
+        if not a.partial:
+            ext_cfg = extension_config(a.config, name, points, out)
+            code = _run(_cli("tune", "--config", str(ext_cfg), *overrides), say)
+            if code != 0:
+                say(f"error: llamapro tune exited {code} on {name}; rerun the same command to resume")
+                return code
+        exps.append(out / name)
+        for m, lr in points.items():
+            extended.setdefault(m, []).append(lr)
+        rows = [r for e in exps for r in trials_from_dirs(e, cfg)]
+        chosen = best_by_mode(rows)
+    timings["tune_s"] = round(time.time() - t0, 1)
     if not chosen:
         say(f"error: no completed trial in {exp}")
         return 1
@@ -149,7 +242,7 @@ def main(argv=None) -> int:
     write_json_atomic(out / "chosen_lrs.json", {m: {k: b.get(k) for k in (
         "trial_id", "train.lr", "objective", "domain_gain", "forgetting", "trial_dir")} for m, b in chosen.items()},
         indent=2)
-    (out / "chosen_lrs.md").write_text(lr_table(cfg, chosen, tokens))
+    (out / "chosen_lrs.md").write_text(lr_table(cfg, chosen, tokens, rows, extended))
     say((out / "chosen_lrs.md").read_text())
     code = 0
     if not a.skip_compare:
@@ -159,7 +252,8 @@ def main(argv=None) -> int:
         code = _run(_cli("compare", "--config", a.config, "--out", str(out), *sets, *runs), say)
         timings["compare_s"] = round(time.time() - t1, 1)
     write_json_atomic(out / "study.json", {"config": a.config, "overrides": overrides, "tokens_per_run": tokens,
-                                            "partial": a.partial, "chosen": sorted(chosen), **timings,
+                                            "partial": a.partial, "chosen": sorted(chosen),
+                                            "experiments": [str(e) for e in exps], "extended_lrs": extended, **timings,
                                             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                       indent=2)
     return code

@@ -161,3 +161,27 @@ def test_compare_scores_the_base_battery_once_with_the_same_numbers(tmp_path):
         assert [c for c in s["gate"]["checks"] if c["set"].startswith("battery")] == \
                [c for c in ref["gate"]["checks"] if c["set"].startswith("battery")]
         assert np.isclose(s["sets"]["domain"]["ppl_change"], ref["sets"]["domain"]["ppl_change"])
+
+
+def test_a_best_lr_on_the_edge_gets_one_more_lr_beyond_it(tmp_path):
+    from benchmarks.study import edge_points, extension_config
+
+    rows = [_row("a", "llamapro", 1e-4, 0.10), _row("b", "llamapro", 3e-4, 0.20), _row("c", "llamapro", 1e-3, 0.15),
+            _row("d", "full", 1e-5, 0.05), _row("e", "full", 3e-5, 0.10), _row("f", "full", 1e-4, 0.20),
+            _row("g", "lora", 3e-4, 0.30), _row("h", "lora", 1e-3, 0.20),
+            _row("i", "freeze_last_n", 1e-3, 0.10)]
+    chosen = pick_best_by_mode(rows)
+    # llamapro's best is inside its grid; full's on the top edge, LoRA's on the bottom edge; one LR: no step
+    assert edge_points(rows, chosen) == {"full": pytest.approx(3e-4, rel=0.01), "lora": pytest.approx(1e-4, rel=0.01)}
+    src = tmp_path / "study.yaml"
+    src.write_text("run: {name: study}\ntune:\n  scheduler: {type: fifo}\n"
+                   "  space: {train.mode: {grid: [llamapro, full, lora]}, train.lr: {grid: [1.0e-4, 3.0e-4]}}\n"
+                   "  mode_space: {full: {train.lr: {grid: [1.0e-5]}}}\n")
+    path = extension_config(src, "study-tune-ext1", {"full": 3e-4, "lora": 1e-4}, tmp_path)
+    cfg = load_config(path)
+    assert cfg.tune.name == "study-tune-ext1"
+    assert method_points(cfg.tune.space, cfg.tune.mode_space) == [
+        {"train.mode": "full", "train.lr": 3e-4}, {"train.mode": "lora", "train.lr": 1e-4}]
+    # the extended LRs beat the edge: nothing more to extend
+    rows += [_row("j", "full", 3e-4, 0.15), _row("k", "lora", 1e-4, 0.25)]
+    assert edge_points(rows, pick_best_by_mode(rows)) == {}
