@@ -209,6 +209,7 @@ def row_of(label: str, run: Path, res: dict) -> dict:
     row["battery_raw_drop"] = (sum(-b["change"] for b in row["battery"].values()) / len(row["battery"])
                                if row["battery"] else None)
     row["greedy_exact"] = (res.greedy or {}).get("exact_match")
+    row["greedy_prefix"] = (res.greedy or {}).get("prefix_agreement")
     row["gate_passed"] = res.gate.get("passed")
     return row
 
@@ -316,7 +317,7 @@ def _pct(v) -> str:
 def table_md(rows: list[dict], verdict: dict) -> str:
     tasks = sorted({t for r in rows for t in r["battery"]})
     head = (["run", "mode", "lr", "tokens", "domain ppl gain", "not-replayed rise", "replayed rise"]
-            + [f"{t} change [95% CI]" for t in tasks] + ["greedy exact", "gate"])
+            + [f"{t} change [95% CI]" for t in tasks] + ["greedy exact / prefix", "gate"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["label"], str(r.get("mode")), str(r.get("lr")), f"{r['tokens']:,}" if r.get("tokens") else "?",
@@ -325,7 +326,9 @@ def table_md(rows: list[dict], verdict: dict) -> str:
             b = r["battery"].get(t)
             cells.append("—" if not b else f"{b['trained']:.3f} ({b['change']:+.3f} [{b['ci'][0]:+.3f}, "
                                            f"{b['ci'][1]:+.3f}]{', noise' if b['noise'] else ''})")
-        cells += ["—" if r["greedy_exact"] is None else f"{r['greedy_exact']:.0%}",
+        cells += ["—" if r["greedy_exact"] is None else
+                  f"{r['greedy_exact']:.0%} / {r['greedy_prefix']:.0%}" if r.get("greedy_prefix") is not None
+                  else f"{r['greedy_exact']:.0%}",
                   {True: "pass", False: "FAIL", None: "—"}[r["gate_passed"]]]
         lines.append("| " + " | ".join(cells) + " |")
     nr = sorted({n for r in rows for n in r["not_replayed_sets"]})
