@@ -281,24 +281,26 @@ def plot_pareto(rows: list[dict], path: Path) -> bool:
     if not pts:
         return False
     by_battery = any(r.get("battery_raw_drop") is not None for r in pts)
+    scale = 100.0 if by_battery else 1.0  # accuracy drop in points (0.01 -> 1 point)
     fig = Figure(figsize=(9, 6), dpi=110, layout="constrained")
     ax = fig.subplots()
     colors = {"llamapro": "#1f77b4", "full": "#d62728", "lora": "#2ca02c", "freeze_last_n": "#9467bd"}
     for r in pts:
-        ax.scatter(_forgetting(r), r["domain_gain"], s=70, zorder=3,
+        ax.scatter(_forgetting(r) * scale, r["domain_gain"], s=70, zorder=3,
                    color=colors.get(r.get("mode"), "#7f7f7f"))
         ax.annotate(f"{r['label']} (lr {r['lr']})" if r.get("lr") is not None else r["label"],
-                    (_forgetting(r), r["domain_gain"]), fontsize=8, xytext=(4, 4),
+                    (_forgetting(r) * scale, r["domain_gain"]), fontsize=8, xytext=(4, 4),
                     textcoords="offset points")
     front = [pts[i] for i in pareto_front([(_forgetting(r), r["domain_gain"]) for r in pts])]
-    ax.plot([_forgetting(r) for r in front], [r["domain_gain"] for r in front], "-", color="#ff7f0e",
-            lw=1.5, zorder=2, label="Pareto frontier (less forgetting, more gain)")
+    # the frontier's runs ringed, so a frontier of one run is visible too
+    ax.plot([_forgetting(r) * scale for r in front], [r["domain_gain"] for r in front], "-o", color="#ff7f0e",
+            lw=1.5, ms=14, mfc="none", mew=1.5, zorder=2, label="Pareto frontier (less forgetting, more gain)")
     for mode, c in colors.items():
         if any(r.get("mode") == mode for r in pts):
             ax.scatter([], [], color=c, label=mode)
     ax.axvline(0, color="#c7c7c7", lw=0.8)
     ax.axhline(0, color="#c7c7c7", lw=0.8)
-    ax.set_xlabel("forgetting: mean knowledge-battery accuracy drop (points of accuracy)" if by_battery
+    ax.set_xlabel("forgetting: mean knowledge-battery accuracy drop (percentage points)" if by_battery
                   else "forgetting: not-replayed retention perplexity rise")
     ax.set_ylabel("domain gain: relative fall of the domain set's perplexity")
     ax.set_title("Learning versus forgetting, one point per run")
