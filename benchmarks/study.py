@@ -22,6 +22,12 @@ after the sweep, such methods get one more LR beyond that edge (the grid's own r
 outermost points) in an extension experiment, ``OUT/<tune.name>-ext1``, and so on up to
 ``--extend`` times (default 2). Every experiment's completed trials are ranked together.
 
+``--variant KEY=V1,V2`` (repeatable; a llamapro-only key such as ``expand.blocks`` or
+``expand.placement``) adds llamapro's other shapes: one experiment per KEY, ``OUT/<tune.name>-<key>``,
+one trial per value at llamapro's chosen LR (everything else as the config). Each variant is its own
+row in the comparison and its own point on the Pareto plot (``llamapro-blocks12``,
+``llamapro-top``), so block counts and placements are judged beside the baselines.
+
 Also written to OUT: ``chosen_lrs.json`` / ``chosen_lrs.md`` (each method's grid, the LR chosen
 and its objective) and ``study.json`` (the command lines, the token budget, timings).
 """
@@ -46,7 +52,7 @@ from llamapro.jsonl import read_records  # noqa: E402
 from llamapro.tensors import write_json_atomic  # noqa: E402
 from llamapro.tune.objective import objective_metrics  # noqa: E402
 from llamapro.tune.plan import objective_sets  # noqa: E402
-from llamapro.tune.space import method_points  # noqa: E402
+from llamapro.tune.space import LLAMAPRO_ONLY, method_points  # noqa: E402
 
 
 def _cli(*args: str) -> list[str]:
@@ -56,6 +62,24 @@ def _cli(*args: str) -> list[str]:
 def _run(cmd: list[str], say) -> int:
     say("$ " + " ".join(cmd))
     return subprocess.run(cmd, cwd=ROOT).returncode
+
+
+def method_label(params: dict) -> str:
+    """A trial's row name: its mode, plus llamapro's shape where the trial set one
+    (``expand.blocks`` 12 -> ``llamapro-blocks12``; ``expand.placement`` top -> ``llamapro-top``)."""
+    mode = params.get("train.mode") or "llamapro"
+    parts = []
+    for k in sorted(params):
+        if k in ("train.mode", "train.lr") or not (k == "expand.placement" or k.startswith(LLAMAPRO_ONLY)):
+            continue
+        v = params[k]
+        if k in ("expand.placement", "expand.strategy") and isinstance(v, str):
+            parts.append(v)
+        elif isinstance(v, (list, tuple)):
+            parts.append(k.split(".")[-1] + "-".join(str(x) for x in v))
+        else:
+            parts.append(f"{k.split('.')[-1]}{v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}{v}")
+    return "-".join([mode, *parts])
 
 
 def trials_from_dirs(exp: Path, cfg) -> list[dict]:
@@ -80,6 +104,7 @@ def trials_from_dirs(exp: Path, cfg) -> list[dict]:
         m = objective_metrics(losses, base, domain, retention, cfg.tune.forgetting_penalty,
                               cfg.tune.max_forgetting)
         rows.append({"trial_id": td.name, "trial_dir": str(td), "model": str(td / "model"),
+                     "method": method_label(params),
                      "train.mode": params.get("train.mode"), "train.lr": params.get("train.lr"),
                      **{k: m[k] for k in ("domain_gain", "forgetting", "objective", "feasible")}})
     return rows
@@ -91,7 +116,9 @@ def edge_points(rows: list[dict], chosen: dict[str, dict]) -> dict[str, float]:
     side). A method with one LR tried has no step to take."""
     out = {}
     for mode, b in chosen.items():
-        lrs = sorted({r["train.lr"] for r in rows if r["train.mode"] == mode})
+        if _method(b) != b["train.mode"]:
+            continue  # a llamapro shape: judged at llamapro's chosen LR, not swept
+        lrs = sorted({r["train.lr"] for r in rows if _method(r) == mode})
         lr = b["train.lr"]
         if len(lrs) < 2 or lr is None:
             continue
@@ -133,12 +160,43 @@ def extension_config(cfg_path: str | Path, name: str, points: dict[str, float], 
     return path
 
 
+def _method(r: dict) -> str:
+    return r.get("method") or r["train.mode"]
+
+
+def variant_config(cfg_path: str | Path, name: str, key: str, values: list, lr: float, out: Path) -> Path:
+    """The study config as a llamapro-only experiment ``name``: one trial per value of ``key`` at
+    llamapro's chosen ``lr`` (written to OUT/<name>.yaml)."""
+    data = yaml.safe_load(Path(cfg_path).read_text())
+    tune = data.setdefault("tune", {})
+    tune["name"] = name
+    tune["space"] = {"train.mode": {"grid": ["llamapro"]}, "train.lr": {"grid": [lr]}, key: {"grid": list(values)}}
+    tune["mode_space"] = {}
+    path = out / f"{name}.yaml"
+    path.write_text(f"# written by benchmarks/study.py: llamapro's shapes over {key} at its chosen LR\n"
+                    + yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def parse_variant(spec: str) -> tuple[str, list]:
+    """``KEY=V1,V2`` -> (KEY, [V1, V2]) with YAML values; KEY must be a llamapro-only key."""
+    key, sep, vals = spec.partition("=")
+    key = key.strip()
+    if not sep or not vals.strip():
+        raise ValueError(f"--variant {spec!r}: expected KEY=V1,V2 (e.g. expand.blocks=3,12)")
+    if not (key == "expand.placement" or key.startswith(LLAMAPRO_ONLY)):
+        raise ValueError(f"--variant {spec!r}: {key} is not a llamapro-only key (expand.*, train.num_stages, "
+                         "train.top_lr_scale, ...); baselines are compared through tune.space")
+    return key, [yaml.safe_load(v) for v in vals.split(",")]
+
+
 def best_by_mode(rows: list[dict]) -> dict[str, dict]:
+    """The best feasible trial per row name (a mode, or a llamapro shape from --variant)."""
     out: dict[str, dict] = {}
     for r in rows:
         if not r["feasible"]:
             continue
-        m = r["train.mode"]
+        m = _method(r)
         if m not in out or r["objective"] > out[m]["objective"]:
             out[m] = r
     return out
@@ -152,7 +210,10 @@ def lr_table(cfg, chosen: dict[str, dict], tokens: int, rows: list[dict] | None 
     for mode, lrs in (extended or {}).items():
         grids.setdefault(mode, []).extend(lrs)
     rows = rows or []
-    by_lr = {(r["train.mode"], r["train.lr"]): r["objective"] for r in rows}
+    for r in rows:  # llamapro's shapes (--variant): the LRs they ran at
+        if _method(r) not in grids:
+            grids.setdefault(_method(r), []).append(r["train.lr"])
+    by_lr = {(_method(r), r["train.lr"]): r["objective"] for r in rows}
     edge = edge_points(rows, chosen) if rows else {}
     lines = ["# Learning rates chosen by the sweep", "",
              f"Ray Tune over train.mode x train.lr, {tokens:,} training tokens per trial; "
@@ -187,6 +248,9 @@ def main(argv=None) -> int:
     ap.add_argument("--extend", type=int, default=2,
                     help="times a method whose best LR is on the edge of those tried gets one more "
                          "LR beyond it (0: never)")
+    ap.add_argument("--variant", action="append", default=[], metavar="KEY=V1,V2",
+                    help="llamapro's other shapes at its chosen LR, one row each (e.g. expand.blocks=3,12 "
+                         "or expand.placement=top,bottom); repeatable")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, passed to tune and compare")
     a = ap.parse_args(argv)
     out = Path(a.out).resolve()
@@ -194,6 +258,11 @@ def main(argv=None) -> int:
     say = print
     overrides = [f"run.output_dir={out}", *a.overrides]
     cfg = load_config(a.config, overrides)
+    try:
+        variants = [parse_variant(v) for v in a.variant]
+    except ValueError as e:
+        say(f"error: {e}")
+        return 2
     if "train.mode" not in cfg.tune.space:
         say("error: the study config's tune.space must search train.mode (llamapro and the baselines)")
         return 2
@@ -201,6 +270,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     timings = {}
     if not a.partial:
+        from llamapro.pipeline import ensure_demo_corpora
+
+        ensure_demo_corpora(cfg)  # a fresh machine: the demo corpora are built once, as `llamapro run` does
         code = _run(_cli("tune", "--config", a.config, *overrides), say)
         if code != 0:
             say(f"error: llamapro tune exited {code}; rerun the same command to resume, or "
@@ -230,6 +302,23 @@ def main(argv=None) -> int:
         exps.append(out / name)
         for m, lr in points.items():
             extended.setdefault(m, []).append(lr)
+        rows = [r for e in exps for r in trials_from_dirs(e, cfg)]
+        chosen = best_by_mode(rows)
+    for key, values in variants:
+        if "llamapro" not in chosen:
+            say("error: --variant needs a completed llamapro trial (its chosen LR)")
+            return 1
+        name = f"{exp.name}-{key.split('.')[-1]}"
+        lr = chosen["llamapro"]["train.lr"]
+        if not a.partial:
+            var_cfg = variant_config(a.config, name, key, values, lr, out)
+            say(f"[study] llamapro's shapes: {key} in {values} at LR {lr:g} (experiment {name})")
+            code = _run(_cli("tune", "--config", str(var_cfg), *overrides), say)
+            if code != 0:
+                say(f"error: llamapro tune exited {code} on {name}; rerun the same command to resume")
+                return code
+        if (out / name).is_dir():
+            exps.append(out / name)
         rows = [r for e in exps for r in trials_from_dirs(e, cfg)]
         chosen = best_by_mode(rows)
     timings["tune_s"] = round(time.time() - t0, 1)

@@ -185,3 +185,34 @@ def test_a_best_lr_on_the_edge_gets_one_more_lr_beyond_it(tmp_path):
     # the extended LRs beat the edge: nothing more to extend
     rows += [_row("j", "full", 3e-4, 0.15), _row("k", "lora", 1e-4, 0.25)]
     assert edge_points(rows, pick_best_by_mode(rows)) == {}
+
+
+def test_llamapros_shapes_are_their_own_rows_at_its_chosen_lr(tmp_path):
+    from benchmarks.study import best_by_mode, edge_points, method_label, parse_variant, variant_config
+
+    assert method_label({"train.mode": "full", "train.lr": 1e-4}) == "full"
+    assert method_label({"train.mode": "llamapro", "train.lr": 3e-4}) == "llamapro"
+    assert method_label({"train.mode": "llamapro", "train.lr": 3e-4, "expand.blocks": 12}) == "llamapro-blocks12"
+    assert method_label({"train.mode": "llamapro", "expand.placement": "top"}) == "llamapro-top"
+    assert method_label({"train.mode": "llamapro", "expand.placement": [3, 9]}) == "llamapro-placement3-9"
+    assert parse_variant("expand.blocks=3,12") == ("expand.blocks", [3, 12])
+    assert parse_variant("expand.placement=top,bottom") == ("expand.placement", ["top", "bottom"])
+    with pytest.raises(ValueError, match="not a llamapro-only key"):
+        parse_variant("train.lr=1e-4,3e-4")
+    with pytest.raises(ValueError, match="expected KEY=V1,V2"):
+        parse_variant("expand.blocks")
+    # a shape beats llamapro's own row but does not replace it; a shape is never LR-extended
+    rows = [_row("a", "llamapro", 1e-4, 0.10), _row("b", "llamapro", 3e-4, 0.20),
+            {**_row("c", "llamapro", 3e-4, 0.25), "method": "llamapro-blocks12"}]
+    chosen = best_by_mode(rows)
+    assert {m: b["trial_id"] for m, b in chosen.items()} == {"llamapro": "b", "llamapro-blocks12": "c"}
+    assert edge_points(rows, chosen) == {"llamapro": pytest.approx(1e-3, rel=0.01)}
+    src = tmp_path / "study.yaml"
+    src.write_text("run: {name: study}\ntune:\n  scheduler: {type: fifo}\n"
+                   "  space: {train.mode: {grid: [llamapro, full]}, train.lr: {grid: [1.0e-4]}}\n"
+                   "  mode_space: {full: {train.lr: {grid: [1.0e-5]}}}\n")
+    cfg = load_config(variant_config(src, "study-tune-blocks", "expand.blocks", [3, 12], 3e-4, tmp_path))
+    assert cfg.tune.name == "study-tune-blocks"
+    assert method_points(cfg.tune.space, cfg.tune.mode_space) == [
+        {"train.mode": "llamapro", "train.lr": 3e-4, "expand.blocks": 3},
+        {"train.mode": "llamapro", "train.lr": 3e-4, "expand.blocks": 12}]
