@@ -22,11 +22,11 @@ after the sweep, such methods get one more LR beyond that edge (the grid's own r
 outermost points) in an extension experiment, ``OUT/<tune.name>-ext1``, and so on up to
 ``--extend`` times (default 2). Every experiment's completed trials are ranked together.
 
-``--variant KEY=V1,V2`` (repeatable; a llamapro-only key such as ``expand.blocks`` or
-``expand.placement``) adds llamapro's other shapes: one experiment per KEY, ``OUT/<tune.name>-<key>``,
-one trial per value at llamapro's chosen LR (everything else as the config). Each variant is its own
-row in the comparison and its own point on the Pareto plot (``llamapro-blocks12``,
-``llamapro-top``), so block counts and placements are judged beside the baselines.
+``--variant KEY=V1,V2`` (repeatable: ``expand.blocks``, ``expand.placement``, ``train.num_stages``,
+``train.compile``, ...) adds llamapro's other shapes and settings: one experiment per KEY,
+``OUT/<tune.name>-<key>``, one trial per value at llamapro's chosen LR (everything else as the
+config). Each variant is its own row in the comparison and its own point on the Pareto plot
+(``llamapro-blocks12``, ``llamapro-top``, ``llamapro-compileoff``), judged beside the baselines.
 
 Also written to OUT: ``chosen_lrs.json`` / ``chosen_lrs.md`` (each method's grid, the LR chosen
 and its objective) and ``study.json`` (the command lines, the token budget, timings).
@@ -70,7 +70,7 @@ def method_label(params: dict) -> str:
     mode = params.get("train.mode") or "llamapro"
     parts = []
     for k in sorted(params):
-        if k in ("train.mode", "train.lr") or not (k == "expand.placement" or k.startswith(LLAMAPRO_ONLY)):
+        if k in ("train.mode", "train.lr") or (mode != "llamapro" and not k.startswith(LLAMAPRO_ONLY)):
             continue
         v = params[k]
         if k in ("expand.placement", "expand.strategy") and isinstance(v, str):
@@ -179,15 +179,22 @@ def variant_config(cfg_path: str | Path, name: str, key: str, values: list, lr: 
 
 
 def parse_variant(spec: str) -> tuple[str, list]:
-    """``KEY=V1,V2`` -> (KEY, [V1, V2]) with YAML values; KEY must be a llamapro-only key."""
+    """``KEY=V1,V2`` -> (KEY, [V1, V2]) with YAML values; any config key but the mode and the LR
+    (a key such as train.compile or train.dtype then applies to the llamapro row only)."""
     key, sep, vals = spec.partition("=")
     key = key.strip()
     if not sep or not vals.strip():
         raise ValueError(f"--variant {spec!r}: expected KEY=V1,V2 (e.g. expand.blocks=3,12)")
-    if not (key == "expand.placement" or key.startswith(LLAMAPRO_ONLY)):
-        raise ValueError(f"--variant {spec!r}: {key} is not a llamapro-only key (expand.*, train.num_stages, "
-                         "train.top_lr_scale, ...); baselines are compared through tune.space")
-    return key, [yaml.safe_load(v) for v in vals.split(",")]
+    if key in ("train.mode", "train.lr") or "." not in key:
+        raise ValueError(f"--variant {spec!r}: {key} is not a variant key (expand.blocks, expand.placement, "
+                         "train.num_stages, train.compile, ...); modes and LRs are searched through tune.space")
+    return key, [_value(v) for v in vals.split(",")]
+
+
+def _value(text: str):
+    """A YAML scalar, except that on/off/yes/no stay words (train.compile: off, not False)."""
+    v = yaml.safe_load(text)
+    return text.strip() if isinstance(v, bool) and text.strip().lower() not in ("true", "false") else v
 
 
 def best_by_mode(rows: list[dict]) -> dict[str, dict]:

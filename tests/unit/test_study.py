@@ -197,7 +197,9 @@ def test_llamapros_shapes_are_their_own_rows_at_its_chosen_lr(tmp_path):
     assert method_label({"train.mode": "llamapro", "expand.placement": [3, 9]}) == "llamapro-placement3-9"
     assert parse_variant("expand.blocks=3,12") == ("expand.blocks", [3, 12])
     assert parse_variant("expand.placement=top,bottom") == ("expand.placement", ["top", "bottom"])
-    with pytest.raises(ValueError, match="not a llamapro-only key"):
+    assert method_label({"train.mode": "llamapro", "train.compile": "off"}) == "llamapro-compileoff"
+    assert parse_variant("train.compile=off") == ("train.compile", ["off"])
+    with pytest.raises(ValueError, match="not a variant key"):
         parse_variant("train.lr=1e-4,3e-4")
     with pytest.raises(ValueError, match="expected KEY=V1,V2"):
         parse_variant("expand.blocks")
