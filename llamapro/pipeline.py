@@ -20,6 +20,7 @@ workers may run on different nodes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import posixpath
 from pathlib import Path
@@ -101,11 +102,20 @@ def eval_blocks(cfg, model_dir: str, per_source: int) -> dict:
     return out
 
 
-def train_step(cfg, mode: str | None = None) -> dict:
-    """Train the expanded model (mode llamapro) or a baseline on the base; returns a summary."""
+def train_config_for(cfg, mode: str | None = None):
+    """The train section a run of ``mode`` uses: the config's own (None, llamapro), or a baseline
+    derived from it (same budget, one stage) at its own LR from ``run.baseline_lrs`` if named."""
     from llamapro.config.train import baseline_of
 
     tc = cfg.train if mode is None else baseline_of(cfg.train, mode)
+    if mode is not None and mode in cfg.run.baseline_lrs:
+        tc = dataclasses.replace(tc, lr=float(cfg.run.baseline_lrs[mode]))
+    return tc
+
+
+def train_step(cfg, mode: str | None = None) -> dict:
+    """Train the expanded model (mode llamapro) or a baseline on the base; returns a summary."""
+    tc = train_config_for(cfg, mode)
     sub = "" if tc.mode == "llamapro" else f"baseline-{tc.mode}"
     outputs = [posixpath.join(sub, f) for f in ("model", "metrics.jsonl", "config.yaml")]
     with storage.synced(cfg.run.run_dir(), pull=["expanded"] if not sub else [],

@@ -81,11 +81,22 @@ class RunConfig:
     baselines: list[str] = field(default_factory=list)
     """`llamapro run` also trains these baselines at the same token budget and evaluates them
     beside LLaMA-Pro: any of full, lora, freeze_last_n (the comparison of methods, measured)."""
+    baseline_lrs: dict[str, float] = field(default_factory=dict)
+    """Each baseline's own learning rate (``{full: 1.0e-4, lora: 3.0e-3}``); a baseline not named
+    trains at ``train.lr``. A method judged at an LR chosen for another is not judged fairly: the
+    study (``benchmarks/study.py``) finds each method's best LR at your budget."""
 
     def __post_init__(self):
         bad = [b for b in self.baselines if b not in ("full", "lora", "freeze_last_n")]
         if bad:
             raise ConfigError(f"run.baselines: {bad} unknown; use full, lora or freeze_last_n")
+        if not isinstance(self.baseline_lrs, dict):
+            raise ConfigError("run.baseline_lrs: expected a mapping such as {full: 1.0e-4, lora: 3.0e-3}")
+        for k, v in self.baseline_lrs.items():
+            if k not in ("full", "lora", "freeze_last_n"):
+                raise ConfigError(f"run.baseline_lrs: {k!r} is not a baseline; use full, lora or freeze_last_n")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise ConfigError(f"run.baseline_lrs.{k}: {v!r} is not a learning rate (a number in (0, 1))")
 
     def run_dir(self) -> str:
         return f"{self.output_dir.rstrip('/')}/{self.name}"

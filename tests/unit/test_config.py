@@ -62,3 +62,21 @@ def test_baselines_of_a_staged_config_keep_the_budget_and_drop_what_is_llamapro_
         assert (b.max_steps, b.max_tokens, b.lr, b.micro_batch_size, b.num_workers) == \
             (tc.max_steps, tc.max_tokens, tc.lr, tc.micro_batch_size, tc.num_workers)
     assert baseline_of(tc, "llamapro") is tc
+
+
+def test_each_baseline_trains_at_its_own_lr():
+    from llamapro.pipeline import train_config_for
+
+    cfg = load_config("jobs/configs/demo.yaml")
+    assert cfg.run.baseline_lrs == {"full": 1e-4, "lora": 3e-3, "freeze_last_n": 1e-3}
+    assert train_config_for(cfg) is cfg.train and cfg.train.lr == 3e-4
+    for mode, lr in cfg.run.baseline_lrs.items():
+        tc = train_config_for(cfg, mode)
+        assert (tc.mode, tc.lr, tc.num_stages, tc.max_steps) == (mode, lr, 1, cfg.train.max_steps)
+    # a baseline not named trains at train.lr
+    cfg = load_config("jobs/configs/demo.yaml", ["run.baseline_lrs={lora: 3.0e-3}"])
+    assert train_config_for(cfg, "full").lr == cfg.train.lr
+    for bad, match in (("{ful: 1.0e-4}", "'ful' is not a baseline"), ("{full: 2}", "not a learning rate"),
+                       ("{full: yes}", "not a learning rate"), ("[1.0e-4]", "baseline_lrs")):
+        with pytest.raises(ConfigError, match=match):
+            load_config("jobs/configs/demo.yaml", [f"run.baseline_lrs={bad}"])
