@@ -84,10 +84,11 @@ def test_train_mode_derives_the_baseline_as_the_pipeline_does():
     from llamapro.config.train import TrainConfig, baseline_of
 
     assert build_parser().parse_args(["train", "--config", "jobs/configs/demo.yaml", "--mode", "full"]).mode == "full"
-    cfg = load_config("jobs/configs/demo.yaml")
+    cfg = load_config("jobs/configs/demo.yaml", ["train.num_stages=3", "train.stage_ratios=[0.3]",
+                                                 "train.top_lr_scale=2.0"])
     assert cfg.train.num_stages == 3
     with pytest.raises(ConfigError, match="apply to mode llamapro"):
-        load_config("jobs/configs/demo.yaml", ["train.mode=full"])
+        load_config("jobs/configs/demo.yaml", ["train.mode=full", "train.num_stages=3"])
     for mode in ("full", "lora", "freeze_last_n"):
         tc = baseline_of(cfg.train, mode)
         assert tc.mode == mode and tc.num_stages == 1 and tc.max_steps == cfg.train.max_steps

@@ -54,7 +54,8 @@ def test_baselines_of_a_staged_config_keep_the_budget_and_drop_what_is_llamapro_
     baseline trains one stage at the same steps, LR and batch instead of being refused."""
     from llamapro.config.train import baseline_of
 
-    tc = load_config("jobs/configs/demo.yaml").train
+    tc = load_config("jobs/configs/demo.yaml", ["train.num_stages=3", "train.stage_ratios=[0.3]",
+                                                "train.top_lr_scale=2.0"]).train
     assert tc.num_stages == 3 and tc.stage_ratios
     for mode in ("full", "lora", "freeze_last_n"):
         b = baseline_of(tc, mode)
