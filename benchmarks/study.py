@@ -143,21 +143,29 @@ def _on_ladder(x: float) -> bool:
     return any(math.isclose(x, v, rel_tol=1e-6) for v in _ladder(x))
 
 
+def _experiment_config(cfg_path: str | Path, name: str, space: dict, mode_space: dict, header: str,
+                       out: Path) -> Path:
+    """The study config as its own experiment ``name`` with this tune space, written to
+    OUT/<name>.yaml (paths in it stay relative to the repository)."""
+    data = yaml.safe_load(Path(cfg_path).read_text())
+    tune = data.setdefault("tune", {})
+    tune["name"], tune["space"], tune["mode_space"] = name, space, mode_space
+    path = out / f"{name}.yaml"
+    path.write_text(f"# written by benchmarks/study.py: {header}\n" + yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def extension_config(cfg_path: str | Path, name: str, points: dict[str, float], out: Path) -> Path:
     """The study config with its tune space replaced by one LR per method to extend, as its own
     experiment ``name`` (written to OUT/<name>.yaml; paths in it stay relative to the repository)."""
-    data = yaml.safe_load(Path(cfg_path).read_text())
-    tune = data.setdefault("tune", {})
-    space = {k: v for k, v in (tune.get("space") or {}).items() if k not in ("train.mode", "train.lr")}
+    space = yaml.safe_load(Path(cfg_path).read_text()).get("tune", {}).get("space") or {}
+    space = {k: v for k, v in space.items() if k not in ("train.mode", "train.lr")}
     first = next(iter(points.values()))
-    tune["name"] = name
-    tune["space"] = {"train.mode": {"grid": list(points)},
-                     "train.lr": {"grid": [points.get("llamapro", first)]}, **space}
-    tune["mode_space"] = {m: {"train.lr": {"grid": [lr]}} for m, lr in points.items() if m != "llamapro"}
-    path = out / f"{name}.yaml"
-    path.write_text("# written by benchmarks/study.py: the LRs beyond the edge of the sweep\n"
-                    + yaml.safe_dump(data, sort_keys=False))
-    return path
+    return _experiment_config(
+        cfg_path, name, {"train.mode": {"grid": list(points)}, "train.lr": {"grid": [points.get("llamapro", first)]},
+                         **space},
+        {m: {"train.lr": {"grid": [lr]}} for m, lr in points.items() if m != "llamapro"},
+        "the LRs beyond the edge of the sweep", out)
 
 
 def _method(r: dict) -> str:
@@ -167,15 +175,9 @@ def _method(r: dict) -> str:
 def variant_config(cfg_path: str | Path, name: str, key: str, values: list, lr: float, out: Path) -> Path:
     """The study config as a llamapro-only experiment ``name``: one trial per value of ``key`` at
     llamapro's chosen ``lr`` (written to OUT/<name>.yaml)."""
-    data = yaml.safe_load(Path(cfg_path).read_text())
-    tune = data.setdefault("tune", {})
-    tune["name"] = name
-    tune["space"] = {"train.mode": {"grid": ["llamapro"]}, "train.lr": {"grid": [lr]}, key: {"grid": list(values)}}
-    tune["mode_space"] = {}
-    path = out / f"{name}.yaml"
-    path.write_text(f"# written by benchmarks/study.py: llamapro's shapes over {key} at its chosen LR\n"
-                    + yaml.safe_dump(data, sort_keys=False))
-    return path
+    return _experiment_config(
+        cfg_path, name, {"train.mode": {"grid": ["llamapro"]}, "train.lr": {"grid": [lr]}, key: {"grid": list(values)}},
+        {}, f"llamapro's shapes over {key} at its chosen LR", out)
 
 
 def parse_variant(spec: str) -> tuple[str, list]:
