@@ -243,6 +243,10 @@ class RayLogFile:
             if fh not in lg.handlers:
                 lg.addHandler(fh)
                 self._undo.append(lambda lg=lg: lg.removeHandler(fh))
+            if lg.level > logging.INFO:  # raised elsewhere in this process: the file wants INFO
+                old_level = lg.level
+                lg.setLevel(logging.INFO)
+                self._undo.append(lambda lg=lg, old=old_level: lg.setLevel(old))
             if self.verbose:
                 continue
             for h in lg.handlers:

@@ -8,6 +8,7 @@ Importing this module imports neither ray nor transformers (the CLI stays quick 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -86,8 +87,8 @@ def cmd_data_preview(a) -> int:
     started = ensure_ray("data", num_cpus=spare_cpus(), include_dashboard=False,
                          log_to_driver=False)
     try:
-        _quiet_ray_data()
-        report = preview(cfg.data, tokenizer, max_files=a.max_files)
+        with _quiet_ray_data():
+            report = preview(cfg.data, tokenizer, max_files=a.max_files)
     except DataError as e:  # a path that matches nothing, an unusable tokenizer
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -103,12 +104,22 @@ def cmd_data_preview(a) -> int:
     return EXIT_OK if report["ok"] else EXIT_BAD_INPUT
 
 
+@contextlib.contextmanager
 def _quiet_ray_data():
+    """Ray Data without progress bars or INFO lines for the block; what it changed is put back
+    (the CLI runs in-process in tests and notebooks: a raised ``ray.data`` level must not stay)."""
     import logging
 
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
+    lg = logging.getLogger("ray.data")
+    old = ctx.enable_progress_bars, ctx.print_on_execution_start, lg.level
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start = old[:2]
+        lg.setLevel(old[2])

@@ -115,6 +115,13 @@ def test_ray_logs_go_to_the_file_and_only_errors_to_the_screen(tmp_path):
     assert consoles, "ray's logger has no console handler: this test has nothing to check"
     streams = [h.setStream(screen) for h in consoles]
     path = tmp_path / "logs" / "ray.log"
+    # something else in this process (a quiet `llamapro data preview`, a user's notebook) raised
+    # ray.data's level: the file still gets its INFO lines, and the level comes back afterwards
+    import ray.data  # noqa: F401  (configures its logger on first import: do that before raising it)
+
+    data_lg = logging.getLogger("ray.data")
+    data_level = data_lg.level
+    data_lg.setLevel(logging.WARNING)
     with ray_log_file(path) as sink:
         assert active_log_file() is sink
         lg.info("Started a local Ray instance (test)")
@@ -128,6 +135,8 @@ def test_ray_logs_go_to_the_file_and_only_errors_to_the_screen(tmp_path):
         sink.refresh_loggers()
         late.warning("a late logger's warning (test)")
     late.removeHandler(late_handler)
+    assert data_lg.level == logging.WARNING
+    data_lg.setLevel(data_level)
     for h, stream in zip(consoles, streams):
         h.setStream(stream)
     err = screen.getvalue()
