@@ -76,9 +76,9 @@ def method_label(params: dict) -> str:
         if k in ("expand.placement", "expand.strategy") and isinstance(v, str):
             parts.append(v)
         elif isinstance(v, (list, tuple)):
-            parts.append(k.split(".")[-1] + "-".join(str(x) for x in v))
+            parts.append(short_key(k) + "-".join(str(x) for x in v))
         else:
-            parts.append(f"{k.split('.')[-1]}{v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}{v}")
+            parts.append(f"{short_key(k)}{v:g}" if isinstance(v, float) else f"{short_key(k)}{v}")
     return "-".join([mode, *parts])
 
 
@@ -172,30 +172,60 @@ def _method(r: dict) -> str:
     return r.get("method") or r["train.mode"]
 
 
-def variant_config(cfg_path: str | Path, name: str, key: str, values: list, lr: float, out: Path) -> Path:
-    """The study config as a llamapro-only experiment ``name``: one trial per value of ``key`` at
-    llamapro's chosen ``lr`` (written to OUT/<name>.yaml)."""
-    return _experiment_config(
-        cfg_path, name, {"train.mode": {"grid": ["llamapro"]}, "train.lr": {"grid": [lr]}, key: {"grid": list(values)}},
-        {}, f"llamapro's shapes over {key} at its chosen LR", out)
+def variant_config(cfg_path: str | Path, name: str, keys: dict[str, list], lr: float, out: Path) -> Path:
+    """The study config as a llamapro-only experiment ``name``: one trial per combination of the
+    ``keys``' values, at llamapro's chosen ``lr`` unless train.lr is one of the keys (written to
+    OUT/<name>.yaml)."""
+    space = {"train.mode": {"grid": ["llamapro"]}, "train.lr": {"grid": [lr]}}
+    space.update({k: {"grid": list(v)} for k, v in keys.items()})
+    return _experiment_config(cfg_path, name, space, {},
+                              f"llamapro's shapes over {', '.join(keys)} at its chosen LR", out)
 
 
-def parse_variant(spec: str) -> tuple[str, list]:
-    """``KEY=V1,V2`` -> (KEY, [V1, V2]) with YAML values; any config key but the mode and the LR
-    (a key such as train.compile or train.dtype then applies to the llamapro row only)."""
-    key, sep, vals = spec.partition("=")
-    key = key.strip()
-    if not sep or not vals.strip():
-        raise ValueError(f"--variant {spec!r}: expected KEY=V1,V2 (e.g. expand.blocks=3,12)")
-    if key in ("train.mode", "train.lr") or "." not in key:
-        raise ValueError(f"--variant {spec!r}: {key} is not a variant key (expand.blocks, expand.placement, "
-                         "train.num_stages, train.compile, ...); modes and LRs are searched through tune.space")
-    return key, [_value(v) for v in vals.split(",")]
+def parse_variant(spec: str) -> dict[str, list]:
+    """``KEY=V1,V2`` -> {KEY: [V1, V2]} with YAML values; any config key but the mode (a key such as
+    train.compile or data.sources.python-docs.weight then applies to the llamapro row only).
+    Several ``KEY=...`` pairs separated by spaces form one experiment over their combinations; the
+    LR may be one of them when another key is there too (``train.num_stages=1 train.lr=1e-4,1e-3``:
+    a shape judged at LRs of its own)."""
+    keys: dict[str, list] = {}
+    for part in spec.split():
+        key, sep, vals = part.partition("=")
+        key = key.strip()
+        if not sep or not vals.strip():
+            raise ValueError(f"--variant {spec!r}: expected KEY=V1,V2 (e.g. expand.blocks=3,12)")
+        if key == "train.mode" or "." not in key:
+            raise ValueError(f"--variant {spec!r}: {key} is not a variant key (expand.blocks, expand.placement, "
+                             "train.num_stages, train.compile, ...); modes are searched through tune.space")
+        if key in keys:
+            raise ValueError(f"--variant {spec!r}: {key} given twice")
+        keys[key] = [_value(v) for v in vals.split(",")]
+    if not keys:
+        raise ValueError("--variant '': expected KEY=V1,V2 (e.g. expand.blocks=3,12)")
+    if list(keys) == ["train.lr"]:
+        raise ValueError(f"--variant {spec!r}: llamapro's LRs are searched through tune.space; train.lr "
+                         "goes in a variant beside another key (train.num_stages=1 train.lr=1e-4,1e-3)")
+    return keys
+
+
+def short_key(key: str) -> str:
+    """A key's short name in row and experiment names: its last part (expand.blocks -> blocks);
+    a named list entry's key keeps the entry's name (data.sources.python-docs.weight ->
+    python-docs-weight)."""
+    parts = key.split(".")
+    if parts[:2] == ["data", "sources"] and len(parts) == 4:
+        return f"{parts[2]}-{parts[3]}"
+    return parts[-1]
 
 
 def _value(text: str):
     """A YAML scalar, except that on/off/yes/no stay words (train.compile: off, not False)."""
     v = yaml.safe_load(text)
+    if isinstance(v, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(v)
+        except ValueError:
+            return v
     return text.strip() if isinstance(v, bool) and text.strip().lower() not in ("true", "false") else v
 
 
@@ -313,15 +343,17 @@ def main(argv=None) -> int:
             extended.setdefault(m, []).append(lr)
         rows = [r for e in exps for r in trials_from_dirs(e, cfg)]
         chosen = best_by_mode(rows)
-    for key, values in variants:
+    for keys in variants:
         if "llamapro" not in chosen:
             say("error: --variant needs a completed llamapro trial (its chosen LR)")
             return 1
-        name = f"{exp.name}-{key.split('.')[-1]}"
+        name = f"{exp.name}-" + "-".join(short_key(k) for k in keys)
         lr = chosen["llamapro"]["train.lr"]
         if not a.partial:
-            var_cfg = variant_config(a.config, name, key, values, lr, out)
-            say(f"[study] llamapro's shapes: {key} in {values} at LR {lr:g} (experiment {name})")
+            var_cfg = variant_config(a.config, name, keys, lr, out)
+            what = "; ".join(f"{k} in {v}" for k, v in keys.items())
+            at = "" if "train.lr" in keys else f" at LR {lr:g}"
+            say(f"[study] llamapro's shapes: {what}{at} (experiment {name})")
             code = _run(_cli("tune", "--config", str(var_cfg), *overrides), say)
             if code != 0:
                 say(f"error: llamapro tune exited {code} on {name}; rerun the same command to resume")

@@ -111,8 +111,44 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def set_dotted(data: dict, key: str, value, where: str | None = None) -> None:
+    """Put ``value`` at the dotted ``key`` of a plain config dict, creating sections as needed. A
+    list of named mappings (``data.sources``) is entered by an entry's name (or its index):
+    ``data.sources.python-docs.weight`` is the weight of the source named python-docs."""
+    where = where or f"{key}"
+    node = data
+    parts = key.strip().split(".")
+    for i, p in enumerate(parts[:-1]):
+        here = ".".join(parts[:i + 1])
+        if isinstance(node, dict):
+            node = node.setdefault(p, {})
+        elif isinstance(node, list):
+            node = _entry(node, p, ".".join(parts[:i]), where)
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"{where}: {here} is not a section")
+    if isinstance(node, list):
+        section = ".".join(parts[:-1])
+        raise ConfigError(f"{where}: {section} is a list; set one key of one entry, by its name: "
+                          f"{section}.{parts[-1] if not parts[-1].isdigit() else '<name>'}.<key> "
+                          f"(e.g. data.sources.python-docs.weight=0.5)")
+    node[parts[-1]] = value
+
+
+def _entry(items: list, part: str, section: str, where: str):
+    """The entry of a list of named mappings called ``part`` (or at index ``part``)."""
+    names = [x.get("name") for x in items if isinstance(x, dict)]
+    for x in items:
+        if isinstance(x, dict) and str(x.get("name")) == part:
+            return x
+    if part.isdigit() and int(part) < len(items):
+        return items[int(part)]
+    raise ConfigError(f"{where}: {section} has no entry named {part!r} "
+                      f"(names: {', '.join(str(n) for n in names) or 'none'}; an index works too)")
+
+
 def apply_overrides(data: dict, overrides) -> dict:
-    """Apply ``a.b=c`` overrides (values parsed as YAML scalars) to a plain dict."""
+    """Apply ``a.b=c`` overrides (values parsed as YAML scalars) to a plain dict; a named list
+    entry is addressed by its name (``data.sources.python-docs.weight=0.5``, see set_dotted)."""
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not of the form key.path=value")
@@ -121,13 +157,7 @@ def apply_overrides(data: dict, overrides) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {ov!r}: {p} is not a section")
-        node[parts[-1]] = value
+        set_dotted(data, key, value, f"override {ov!r}")
     return data
 
 

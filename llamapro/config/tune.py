@@ -273,7 +273,11 @@ def check_space_path(key: str, root: type) -> None:
     if key.split(".")[0] in _UNSEARCHABLE:
         _bad(where, f"{key.split('.')[0]} is not a searchable section")
     cls, parts = root, key.split(".")
+    named = False  # the previous part was a list of named sections: this part is an entry's name
     for i, part in enumerate(parts):
+        if named:
+            named = False
+            continue
         if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
             if cls is dict or typing.get_origin(cls) is dict:
                 _bad(where, f"{'.'.join(parts[:i])} is not a searchable section")
@@ -288,6 +292,13 @@ def check_space_path(key: str, root: type) -> None:
             _bad(where, f"no config key {key!r}: {section} has {', '.join(names)}"
                         + (f" (and the virtual key {PLACEMENT_KEY})" if parts[:i] == ["expand"] else ""))
         cls = hints[part]
+        args = typing.get_args(cls)
+        if typing.get_origin(cls) is list and args and dataclasses.is_dataclass(args[0]) \
+                and i < len(parts) - 1:
+            if i == len(parts) - 2:
+                _bad(where, f"name an entry of {'.'.join(parts[:i + 1])} and one of its keys "
+                            f"({'.'.join(parts[:i + 1])}.<name>.<key>, e.g. data.sources.python-docs.weight)")
+            cls, named = args[0], True
     if isinstance(cls, type) and dataclasses.is_dataclass(cls):
         _bad(where, f"{key} is a section; search one of its keys (e.g. {key}."
                     f"{dataclasses.fields(cls)[0].name})")

@@ -8,6 +8,7 @@ import copy
 import itertools
 
 from llamapro.config import Config, ConfigError, from_dict, to_dict
+from llamapro.config.loader import set_dotted
 from llamapro.config.train import TrainConfig, baseline_of
 from llamapro.config.tune import BUDGET_KEYS, PLACEMENT_KEY
 from llamapro.errors import ScheduleError
@@ -26,10 +27,7 @@ LLAMAPRO_ONLY = ("expand.", "train.num_stages", "train.stage_ratios", "train.top
 
 
 def _set(d: dict, key: str, value) -> None:
-    parts = key.split(".")
-    for p in parts[:-1]:
-        d = d.setdefault(p, {})
-    d[parts[-1]] = copy.deepcopy(value)
+    set_dotted(d, key, copy.deepcopy(value), f"tune.space[{key!r}]")
 
 
 def apply_params(d: dict, params: dict) -> dict:
@@ -169,7 +167,10 @@ def largest(space: dict, base: dict, key: str):
     vals = _values(space[key]) if key in space else []
     node = base
     for p in key.split("."):
-        node = (node or {}).get(p) if isinstance(node, dict) else None
+        if isinstance(node, list):  # a named entry (data.sources.<name>.weight)
+            node = next((x for x in node if isinstance(x, dict) and str(x.get("name")) == p), None)
+        else:
+            node = (node or {}).get(p) if isinstance(node, dict) else None
     nums = [v for v in vals + [node] if isinstance(v, (int, float))]  # bools too: True > False
     return max(nums) if nums else node
 

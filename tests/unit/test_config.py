@@ -81,3 +81,24 @@ def test_each_baseline_trains_at_its_own_lr():
                        ("{full: yes}", "not a learning rate"), ("[1.0e-4]", "baseline_lrs")):
         with pytest.raises(ConfigError, match=match):
             load_config("jobs/configs/demo.yaml", [f"run.baseline_lrs={bad}"])
+
+
+def test_a_named_list_entry_is_set_by_its_name_and_a_wrong_name_is_named(tmp_path):
+    """``data.sources.<name>.<key>=V`` (CLI overrides, tune.space keys): the entry by its name or
+    index; an unknown name lists the names there are; a bare entry or list cannot be set."""
+    from llamapro.config.tune import check_space_path
+
+    cfg = load_config("jobs/configs/demo.yaml", ["data.sources.python-docs.weight=0.1",
+                                                 "data.sources.0.eval_fraction=0.1"])
+    assert [(s.name, s.weight) for s in cfg.data.sources] == [
+        ("debian-manuals", 0.7), ("python-docs", 0.1), ("perl-docs", 0.0)]
+    assert cfg.data.sources[0].eval_fraction == 0.1
+    with pytest.raises(ConfigError, match="no entry named 'pyhton-docs'.*python-docs, perl-docs"):
+        load_config("jobs/configs/demo.yaml", ["data.sources.pyhton-docs.weight=0.1"])
+    with pytest.raises(ConfigError, match="set one key of one entry"):
+        load_config("jobs/configs/demo.yaml", ["data.sources.python-docs=0.1"])
+    check_space_path("data.sources.python-docs.weight", Config)
+    with pytest.raises(ConfigError, match="name an entry of data.sources and one of its keys"):
+        check_space_path("data.sources.python-docs", Config)
+    with pytest.raises(ConfigError, match="no config key 'data.sources.x.wieght'"):
+        check_space_path("data.sources.x.wieght", Config)

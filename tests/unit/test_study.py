@@ -195,12 +195,26 @@ def test_llamapros_shapes_are_their_own_rows_at_its_chosen_lr(tmp_path):
     assert method_label({"train.mode": "llamapro", "train.lr": 3e-4, "expand.blocks": 12}) == "llamapro-blocks12"
     assert method_label({"train.mode": "llamapro", "expand.placement": "top"}) == "llamapro-top"
     assert method_label({"train.mode": "llamapro", "expand.placement": [3, 9]}) == "llamapro-placement3-9"
-    assert parse_variant("expand.blocks=3,12") == ("expand.blocks", [3, 12])
-    assert parse_variant("expand.placement=top,bottom") == ("expand.placement", ["top", "bottom"])
+    assert parse_variant("expand.blocks=3,12") == {"expand.blocks": [3, 12]}
+    assert parse_variant("expand.placement=top,bottom") == {"expand.placement": ["top", "bottom"]}
     assert method_label({"train.mode": "llamapro", "train.compile": "off"}) == "llamapro-compileoff"
-    assert parse_variant("train.compile=off") == ("train.compile", ["off"])
-    with pytest.raises(ValueError, match="not a variant key"):
+    assert parse_variant("train.compile=off") == {"train.compile": ["off"]}
+    # the replay share: a named source's weight; its row keeps the source's name
+    assert parse_variant("data.sources.python-docs.weight=0.1,0.7") == {
+        "data.sources.python-docs.weight": [0.1, 0.7]}
+    assert method_label({"train.mode": "llamapro", "data.sources.python-docs.weight": 0.1}) == \
+        "llamapro-python-docs-weight0.1"
+    # a shape at LRs of its own: every LR of it is the same row, so its best LR is chosen for it
+    assert parse_variant("train.num_stages=1 train.lr=1e-4,1e-3") == {
+        "train.num_stages": [1], "train.lr": [1e-4, 1e-3]}
+    assert method_label({"train.mode": "llamapro", "train.lr": 1e-3, "train.num_stages": 1}) == \
+        "llamapro-num_stages1"
+    with pytest.raises(ValueError, match="beside another key"):
         parse_variant("train.lr=1e-4,3e-4")
+    with pytest.raises(ValueError, match="not a variant key"):
+        parse_variant("train.mode=full")
+    with pytest.raises(ValueError, match="given twice"):
+        parse_variant("expand.blocks=3 expand.blocks=12")
     with pytest.raises(ValueError, match="expected KEY=V1,V2"):
         parse_variant("expand.blocks")
     # a shape beats llamapro's own row but does not replace it; a shape is never LR-extended
@@ -213,8 +227,22 @@ def test_llamapros_shapes_are_their_own_rows_at_its_chosen_lr(tmp_path):
     src.write_text("run: {name: study}\ntune:\n  scheduler: {type: fifo}\n"
                    "  space: {train.mode: {grid: [llamapro, full]}, train.lr: {grid: [1.0e-4]}}\n"
                    "  mode_space: {full: {train.lr: {grid: [1.0e-5]}}}\n")
-    cfg = load_config(variant_config(src, "study-tune-blocks", "expand.blocks", [3, 12], 3e-4, tmp_path))
+    cfg = load_config(variant_config(src, "study-tune-blocks", {"expand.blocks": [3, 12]}, 3e-4, tmp_path))
     assert cfg.tune.name == "study-tune-blocks"
     assert method_points(cfg.tune.space, cfg.tune.mode_space) == [
         {"train.mode": "llamapro", "train.lr": 3e-4, "expand.blocks": 3},
         {"train.mode": "llamapro", "train.lr": 3e-4, "expand.blocks": 12}]
+    # a variant with LRs of its own replaces the chosen LR; a source's weight is a searchable key
+    src.write_text("run: {name: study}\ndata:\n  sources:\n"
+                   "    - {name: dom, paths: [a], weight: 0.7}\n    - {name: replay, paths: [b], weight: 0.3}\n"
+                   "tune:\n  scheduler: {type: fifo}\n"
+                   "  space: {train.mode: {grid: [llamapro, full]}, train.lr: {grid: [1.0e-4]}}\n")
+    cfg = load_config(variant_config(src, "study-tune-x", {"train.num_stages": [1], "train.lr": [1e-4, 1e-3],
+                                                           "data.sources.replay.weight": [0.1]}, 3e-4, tmp_path))
+    points = method_points(cfg.tune.space, cfg.tune.mode_space)
+    assert [p["train.lr"] for p in points] == [1e-4, 1e-3]
+    assert all(p["data.sources.replay.weight"] == 0.1 and p["train.num_stages"] == 1 for p in points)
+    from llamapro.config import to_dict
+    from llamapro.tune.space import apply_params
+    d = apply_params(to_dict(cfg), points[0])
+    assert [s["weight"] for s in d["data"]["sources"]] == [0.7, 0.1]
