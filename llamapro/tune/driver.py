@@ -18,7 +18,8 @@ from llamapro.config import Config, ConfigError, from_dict, to_dict
 from llamapro.jsonl import append_record
 from llamapro.runtime import ensure_ray
 from llamapro.tune.objective import METRIC, MODE, TIME_ATTR
-from llamapro.tune.plan import EXPERIMENT_DIR, SPEC_FILE, STOPS_FILE, TunePlan, plan_experiment, spec_digest
+from llamapro.tune.plan import (EXPERIMENT_DIR, SPEC_FILE, STOPS_FILE, TunePlan, legacy_spec_digests,
+                                plan_experiment, spec_digest)
 from llamapro.tune.results import collect_rows, write_outputs
 from llamapro.tune.space import search_space
 from llamapro.tune.trial import prepare_shared, run_trial
@@ -119,7 +120,9 @@ def run_tune(cfg: Config, force: bool = False, say=print) -> dict:
     resume = tune.Tuner.can_restore(str(exp_path))
     if resume:
         old = json.loads((exp_dir / SPEC_FILE).read_text()) if (exp_dir / SPEC_FILE).is_file() else {}
-        if old.get("digest") != spec["digest"]:
+        if old.get("digest") in legacy_spec_digests(plan):  # written by an earlier llamapro: same spec
+            (exp_dir / SPEC_FILE).write_text(json.dumps(spec, indent=1, default=str) + "\n")
+        elif old.get("digest") != spec["digest"]:
             raise ConfigError(f"{exp_dir} holds an experiment with another space or base config; rerun "
                               "with --force to start over, or set another tune.name")
     local = ensure_tune_ray(cfg, plan)

@@ -130,11 +130,61 @@ def plan_experiment(cfg: Config, cwd: Path | None = None) -> TunePlan:
                      "max_eval_rows": max_over_budgets(t.space, base, eval_rows_of)})
 
 
+_NOT_READ_BY_TRIALS = {"run": ("baselines", "baseline_lrs")}
+"""Base-config keys a trial never reads (the pipeline's baselines): not part of the spec."""
+
+
 def spec_digest(plan: TunePlan) -> str:
-    """What an interrupted experiment must share with this one to be resumed: the base config,
-    the space and the objective."""
-    keep = {k: plan[k] for k in ("base", "space", "domain_sets", "retention_sets", "penalty",
-                                 "max_forgetting")}
+    """What an interrupted experiment must share with this one to be resumed: the base config's
+    settings that differ from the defaults (so a release that adds a key with a default does not
+    orphan old experiments), the space and the objective."""
+    keep = {k: plan[k] for k in ("space", "domain_sets", "retention_sets", "penalty", "max_forgetting")}
+    keep["base"] = _set_values(plan.base, to_dict(Config()))
+    for section, keys in _NOT_READ_BY_TRIALS.items():
+        for k in keys:
+            keep["base"].get(section, {}).pop(k, None)
+        if keep["base"].get(section) == {}:
+            del keep["base"][section]
     if plan.mode_space:
         keep["mode_space"] = plan.mode_space
+    return _digest(keep)
+
+
+def legacy_spec_digests(plan: TunePlan) -> set[str]:
+    """Digests an experiment written by an earlier llamapro has for this same spec (until
+    2026-12-03 the digest hashed the whole base config, with run.baseline_lrs from the day it
+    existed). Accepted on resume, and the spec is rewritten with the current digest."""
+    base = json.loads(json.dumps(plan.base, default=str))
+    out = set()
+    for without_baseline_lrs in (False, True):
+        if without_baseline_lrs:
+            base.get("run", {}).pop("baseline_lrs", None)
+        keep = {"base": base, **{k: plan[k] for k in ("space", "domain_sets", "retention_sets", "penalty",
+                                                        "max_forgetting")}}
+        if plan.mode_space:
+            keep["mode_space"] = plan.mode_space
+        out.add(_digest(keep))
+    return out
+
+
+def _digest(keep: dict) -> str:
     return hashlib.blake2b(json.dumps(keep, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+
+
+def _set_values(d: dict, defaults: dict) -> dict:
+    """``d`` without the entries equal to ``defaults`` (recursively through sections)."""
+    out = {}
+    for k, v in d.items():
+        dv = defaults.get(k, _MISSING) if isinstance(defaults, dict) else _MISSING
+        if isinstance(v, dict) and isinstance(dv, dict):
+            sub = _set_values(v, dv)
+            if sub:
+                out[k] = sub
+        elif dv is _MISSING or v != dv:
+            out[k] = v
+    return out
+
+
+_MISSING = object()
+
+

@@ -79,3 +79,39 @@ def test_shipped_tune_demo_declares_every_kind_of_dimension():
     cfg = load_config(Path(__file__).resolve().parents[2] / "jobs/configs/tune_demo.yaml")
     assert {"expand.placement", "expand.blocks", "train.stage_ratios", "train.lr"} <= set(cfg.tune.space)
     assert cfg.tune.scheduler.type == "asha"
+
+
+def test_an_experiment_stays_resumable_when_a_release_adds_a_key_with_a_default():
+    """The resume check hashes the base config's non-default settings: a new key at its default (as
+    run.baseline_lrs was on 2026-12-03) or the pipeline's own run.baselines leave it as it was;
+    a changed training setting does not. The digest an earlier llamapro wrote is still accepted."""
+    import copy
+    import hashlib
+    import json
+
+    from llamapro.config import Config, to_dict
+    from llamapro.tune.plan import TunePlan, legacy_spec_digests, spec_digest
+
+    base = to_dict(Config())
+    base["train"]["lr"] = 3e-4
+    plan = TunePlan(base=base, space={"train.mode": {"grid": ["llamapro", "full"]}}, domain_sets=["d"],
+                    retention_sets=["r"], penalty=2.0, max_forgetting=None)
+    d = spec_digest(plan)
+    older = copy.deepcopy(plan)  # a config from before train.compile and run.baseline_lrs existed
+    del older["base"]["run"]["baseline_lrs"], older["base"]["train"]["compile"]
+    assert spec_digest(older) == d
+    pipeline = copy.deepcopy(plan)
+    pipeline["base"]["run"]["baselines"] = ["full"]
+    pipeline["base"]["run"]["baseline_lrs"] = {"full": 1e-4}
+    assert spec_digest(pipeline) == d
+    for key, value in (("lr", 1e-3), ("max_steps", 25)):
+        changed = copy.deepcopy(plan)
+        changed["base"]["train"][key] = value
+        assert spec_digest(changed) != d
+    # the digest llamapro wrote before 2026-12-03: the whole base config without run.baseline_lrs
+    old_base = copy.deepcopy(base)
+    del old_base["run"]["baseline_lrs"]
+    old = hashlib.blake2b(json.dumps({"base": old_base, "space": plan.space, "domain_sets": ["d"],
+                                      "retention_sets": ["r"], "penalty": 2.0, "max_forgetting": None},
+                                     sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+    assert old in legacy_spec_digests(plan) and old != d
