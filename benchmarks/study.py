@@ -23,9 +23,12 @@ outermost points) in an extension experiment, ``OUT/<tune.name>-ext1``, and so o
 ``--extend`` times (default 2). Every experiment's completed trials are ranked together.
 
 ``--variant KEY=V1,V2`` (repeatable: ``expand.blocks``, ``expand.placement``, ``train.num_stages``,
-``train.compile``, ...) adds llamapro's other shapes and settings: one experiment per KEY,
-``OUT/<tune.name>-<key>``, one trial per value at llamapro's chosen LR (everything else as the
-config). Each variant is its own row in the comparison and its own point on the Pareto plot
+``train.compile``, ``data.sources.<name>.weight``, ...) adds llamapro's other shapes and settings:
+one experiment per variant, ``OUT/<tune.name>-<key>``, one trial per value at llamapro's chosen LR
+(everything else as the config). Several pairs in one variant (``"train.num_stages=1
+train.lr=1e-4,1e-3"``) make one experiment over their combinations, and may give the shape LRs of
+its own; the same keys given again with other values get ``-2``, ``-3`` (by position on the
+command line: keep the order to resume). Each variant is its own row in the comparison and its own point on the Pareto plot
 (``llamapro-blocks12``, ``llamapro-top``, ``llamapro-compileoff``), judged beside the baselines.
 
 Also written to OUT: ``chosen_lrs.json`` / ``chosen_lrs.md`` (each method's grid, the LR chosen
@@ -249,8 +252,9 @@ def lr_table(cfg, chosen: dict[str, dict], tokens: int, rows: list[dict] | None 
     for mode, lrs in (extended or {}).items():
         grids.setdefault(mode, []).extend(lrs)
     rows = rows or []
-    for r in rows:  # llamapro's shapes (--variant): the LRs they ran at
-        if _method(r) not in grids:
+    swept = set(grids)
+    for r in rows:  # llamapro's shapes (--variant): every LR they ran at
+        if _method(r) not in swept:
             grids.setdefault(_method(r), []).append(r["train.lr"])
     by_lr = {(_method(r), r["train.lr"]): r["objective"] for r in rows}
     edge = edge_points(rows, chosen) if rows else {}
@@ -343,11 +347,16 @@ def main(argv=None) -> int:
             extended.setdefault(m, []).append(lr)
         rows = [r for e in exps for r in trials_from_dirs(e, cfg)]
         chosen = best_by_mode(rows)
+    names: list[str] = []
     for keys in variants:
         if "llamapro" not in chosen:
             say("error: --variant needs a completed llamapro trial (its chosen LR)")
             return 1
-        name = f"{exp.name}-" + "-".join(short_key(k) for k in keys)
+        name = first = f"{exp.name}-" + "-".join(short_key(k) for k in keys)
+        n = 2
+        while name in names:  # the same keys again with other values: their own experiment
+            name, n = f"{first}-{n}", n + 1
+        names.append(name)
         lr = chosen["llamapro"]["train.lr"]
         if not a.partial:
             var_cfg = variant_config(a.config, name, keys, lr, out)

@@ -246,3 +246,18 @@ def test_llamapros_shapes_are_their_own_rows_at_its_chosen_lr(tmp_path):
     from llamapro.tune.space import apply_params
     d = apply_params(to_dict(cfg), points[0])
     assert [s["weight"] for s in d["data"]["sources"]] == [0.7, 0.1]
+
+
+def test_the_lr_table_lists_every_lr_a_shape_ran_at(tmp_path):
+    from benchmarks.study import best_by_mode, lr_table
+
+    src = tmp_path / "study.yaml"
+    src.write_text("run: {name: study}\ntune:\n  scheduler: {type: fifo}\n"
+                   "  space: {train.mode: {grid: [llamapro]}, train.lr: {grid: [1.0e-4, 3.0e-4]}}\n")
+    cfg = load_config(src)
+    rows = [_row("a", "llamapro", 1e-4, 0.05), _row("b", "llamapro", 3e-4, 0.10)]
+    rows += [{**_row(t, "llamapro", lr, obj), "method": "llamapro-num_stages1"}
+             for t, lr, obj in (("c", 3e-4, 0.145), ("d", 1e-3, 0.181), ("e", 3e-3, 0.177))]
+    md = lr_table(cfg, best_by_mode(rows), 49152, rows)
+    assert "| llamapro | 0.0001 (0.050), 0.0003 (0.100) | 0.0003 (still the edge) |" in md, md
+    assert "| llamapro-num_stages1 | 0.0003 (0.145), 0.001 (0.181), 0.003 (0.177) | 0.001 |" in md, md
