@@ -70,7 +70,7 @@ def test_each_baseline_trains_at_its_own_lr():
 
     cfg = load_config("jobs/configs/demo.yaml")
     assert cfg.run.baseline_lrs == {"full": 1e-4, "lora": 3e-3, "freeze_last_n": 1e-3}
-    assert train_config_for(cfg) is cfg.train and cfg.train.lr == 3e-4
+    assert train_config_for(cfg) is cfg.train and cfg.train.lr == 1e-3
     for mode, lr in cfg.run.baseline_lrs.items():
         tc = train_config_for(cfg, mode)
         assert (tc.mode, tc.lr, tc.num_stages, tc.max_steps) == (mode, lr, 1, cfg.train.max_steps)
