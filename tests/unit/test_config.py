@@ -91,7 +91,7 @@ def test_a_named_list_entry_is_set_by_its_name_and_a_wrong_name_is_named(tmp_pat
     cfg = load_config("jobs/configs/demo.yaml", ["data.sources.python-docs.weight=0.1",
                                                  "data.sources.0.eval_fraction=0.1"])
     assert [(s.name, s.weight) for s in cfg.data.sources] == [
-        ("debian-manuals", 0.7), ("python-docs", 0.1), ("perl-docs", 0.0)]
+        ("debian-manuals", 0.5), ("python-docs", 0.1), ("perl-docs", 0.0)]
     assert cfg.data.sources[0].eval_fraction == 0.1
     with pytest.raises(ConfigError, match="no entry named 'pyhton-docs'.*python-docs, perl-docs"):
         load_config("jobs/configs/demo.yaml", ["data.sources.pyhton-docs.weight=0.1"])
