@@ -28,8 +28,9 @@ one experiment per variant, ``OUT/<tune.name>-<key>``, one trial per value at ll
 (everything else as the config). Several pairs in one variant (``"train.num_stages=1
 train.lr=1e-4,1e-3"``) make one experiment over their combinations, and may give the shape LRs of
 its own; the same keys given again with other values get ``-2``, ``-3`` (by position on the
-command line: keep the order to resume). Each variant is its own row in the comparison and its own point on the Pareto plot
-(``llamapro-blocks12``, ``llamapro-top``, ``llamapro-compileoff``), judged beside the baselines.
+command line: keep the order to resume). Each variant is its own row in the comparison and its
+own point on the Pareto plot (``llamapro-blocks12``, ``llamapro-top``, ``llamapro-compileoff``),
+judged beside the baselines.
 
 Also written to OUT: ``chosen_lrs.json`` / ``chosen_lrs.md`` (each method's grid, the LR chosen
 and its objective) and ``study.json`` (the command lines, the token budget, timings).
