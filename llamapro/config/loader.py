@@ -134,6 +134,23 @@ def set_dotted(data: dict, key: str, value, where: str | None = None) -> None:
     node[parts[-1]] = value
 
 
+def get_dotted(data, key: str):
+    """The value at the dotted ``key`` of a plain config dict (named list entries as in
+    set_dotted), or None where the path does not exist."""
+    node = data
+    for p in key.split("."):
+        if isinstance(node, list):
+            try:
+                node = _entry(node, p, "", "")
+            except ConfigError:
+                return None
+        elif isinstance(node, dict):
+            node = node.get(p)
+        else:
+            return None
+    return node
+
+
 def _entry(items: list, part: str, section: str, where: str):
     """The entry of a list of named mappings called ``part`` (or at index ``part``)."""
     names = [x.get("name") for x in items if isinstance(x, dict)]

@@ -8,7 +8,7 @@ import copy
 import itertools
 
 from llamapro.config import Config, ConfigError, from_dict, to_dict
-from llamapro.config.loader import set_dotted
+from llamapro.config.loader import get_dotted, set_dotted
 from llamapro.config.train import TrainConfig, baseline_of
 from llamapro.config.tune import BUDGET_KEYS, PLACEMENT_KEY
 from llamapro.errors import ScheduleError
@@ -165,12 +165,7 @@ def check_space_values(base: dict, space: dict, num_layers: int, mode_space: dic
 def largest(space: dict, base: dict, key: str):
     """The largest value ``key`` can take in this experiment (the base's when not searched)."""
     vals = _values(space[key]) if key in space else []
-    node = base
-    for p in key.split("."):
-        if isinstance(node, list):  # a named entry (data.sources.<name>.weight)
-            node = next((x for x in node if isinstance(x, dict) and str(x.get("name")) == p), None)
-        else:
-            node = (node or {}).get(p) if isinstance(node, dict) else None
+    node = get_dotted(base, key)
     nums = [v for v in vals + [node] if isinstance(v, (int, float))]  # bools too: True > False
     return max(nums) if nums else node
 
