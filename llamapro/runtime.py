@@ -9,7 +9,10 @@ read by ``ray.init`` from the environment; nothing here handles tokens.
 driver logs, the workers' stdout/stderr that Ray forwards to the driver, and Ray Data's execution
 lines go to ``path`` (a command puts it at ``RUN/logs/ray.log``); Ray Data's progress bars are
 turned off. Errors of Ray's loggers still reach the screen, and the product's own lines (a worker's
-lines that start ``[llamapro]``) are echoed to stdout.
+lines that start ``[llamapro]``) are echoed to stdout. Two lines Ray prints on its own, past its
+loggers, that say nothing to a user (``RAY_NOISE``: a C++ error line for every Ray Data actor pool,
+the raylet's "N PYTHON worker processes" notice) go to the file only; any other line Ray prints
+that way still reaches the screen.
 """
 
 from __future__ import annotations
@@ -122,6 +125,115 @@ def _init_publishing_address(ray, kw: dict) -> str:
 
 
 # --- Ray's own output into a log file ---------------------------------------------------------------
+
+RAY_NOISE = (
+    # Ray's core worker (C++, straight to the process's stderr, at error level) for every actor of
+    # a Ray Data actor pool, such as the tokenizer actors: Ray Data passes every pool's setup
+    # through the object store, whatever its size (ray-project/ray#53727). Those objects are the
+    # driver's own, held for the dataset's life on the driver's node.
+    "has constructor arguments in the object store and max_restarts > 0",
+    # the raylet, through the driver's error channel: it started more Python workers at once than
+    # it expects (Ray Train, Ray Data and the tokenizer actors on a machine with few CPUs). A
+    # notice about start-up concurrency, not a failure.
+    "PYTHON worker processes have been started on node",
+)
+"""Substrings of lines Ray prints past its loggers that go to the log file only (see the module
+docstring); each with the reason it is noise to a llamapro user."""
+
+
+def _is_noise(line: str) -> bool:
+    return any(n in line for n in RAY_NOISE)
+
+
+class _StderrFilter:
+    """This process's file descriptor 2 through a pipe while a command runs: lines with a
+    ``RAY_NOISE`` phrase go to ``sink`` (the log file), everything else on to the real stderr as it
+    came. Ray's C++ core worker writes its log lines to fd 2 directly, past Python's ``sys.stderr``,
+    so this is the only place they can be sorted. ``stop`` puts fd 2 back and forwards whatever is
+    still in the pipe; if the reader fails, fd 2 goes back at once (nothing ever blocks on it)."""
+
+    def __init__(self, sink_write):
+        self.sink_write = sink_write
+        self._orig = None
+        self._thread = None
+        self._lock = threading.Lock()
+
+    def start(self) -> bool:
+        try:
+            sys.stderr.flush()
+            self._orig = os.dup(2)
+            r, w = os.pipe()
+            out = os.dup(self._orig)  # the real stderr, kept open by the reader until it is done
+            os.dup2(w, 2)
+            os.close(w)
+        except OSError:  # no fd 2 to redirect (a daemon without one): leave it as it is
+            self._orig = None
+            return False
+        self._thread = threading.Thread(target=self._pump, args=(r, out), name="llamapro-stderr",
+                                        daemon=True)
+        self._thread.start()
+        return True
+
+    def _restore(self) -> None:
+        with self._lock:
+            orig, self._orig = self._orig, None
+        if orig is not None:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(orig, 2)
+            os.close(orig)
+
+    def _forward(self, out: int, chunk: bytes) -> None:
+        keep = []
+        for line in chunk.splitlines(keepends=True):
+            text = line.decode("utf-8", "replace")
+            if _is_noise(text):
+                self.sink_write(text.rstrip("\n"))
+            else:
+                keep.append(line)
+        if keep:
+            data = b"".join(keep)
+            while data:
+                data = data[os.write(out, data):]
+
+    def _pump(self, r: int, out: int) -> None:
+        import select
+
+        pending = b""
+        try:
+            while True:
+                ready, _, _ = select.select([r], [], [], 0.2)
+                if not ready:  # a line without its end for a while: pass it on as it is
+                    if pending:
+                        self._forward(out, pending)
+                        pending = b""
+                    continue
+                chunk = os.read(r, 65536)
+                if not chunk:
+                    break
+                pending += chunk
+                cut = pending.rfind(b"\n") + 1
+                if cut:
+                    self._forward(out, pending[:cut])
+                    pending = pending[cut:]
+                if pending and not pending.startswith(b"["):  # not the start of a Ray log line
+                    self._forward(out, pending)
+                    pending = b""
+            if pending:
+                self._forward(out, pending)
+        except Exception:  # never leave fd 2 pointing at a pipe nobody reads
+            with contextlib.suppress(Exception):
+                self._restore()
+        finally:
+            os.close(r)
+            os.close(out)
+
+    def stop(self) -> None:
+        self._restore()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)  # EOF once fd 2 is back (unless a child still holds it)
+            self._thread = None
+
 
 _SINK: RayLogFile | None = None
 
@@ -268,6 +380,8 @@ class RayLogFile:
             self.write("llamapro: this Ray has no worker log dispatcher; worker output stays on the console")
             return
         self._dispatcher = disp
+        if not self.verbose:
+            self._filter_ray_prints()
         with disp._lock:
             ray_own = [(n, h) for n, h in disp.handlers if n == "ray_print_logs"]
         if not self.verbose:
@@ -283,6 +397,26 @@ class RayLogFile:
                     if not any(n == "ray_print_logs" for n, _ in disp.handlers):
                         disp.handlers.append(ray_own[0])
         self._undo.append(undo)
+
+    def _filter_ray_prints(self) -> None:
+        """``RAY_NOISE`` lines off the screen: the raylet's messages (which the driver prints
+        through ``ray._private.worker.print_to_stdstream``) and the C++ core worker's stderr."""
+        import ray._private.worker as rw
+
+        original = rw.print_to_stdstream
+
+        def print_to_stdstream(data, *args, **kw):
+            lines = data.get("lines") or []
+            if lines and all(_is_noise(line) for line in lines):
+                self.write("\n".join(f"{time.strftime('%H:%M:%S')} (raylet) {line}" for line in lines))
+                return None
+            return original(data, *args, **kw)
+
+        rw.print_to_stdstream = print_to_stdstream
+        self._undo.append(lambda: setattr(rw, "print_to_stdstream", original))
+        f = _StderrFilter(self.write)
+        if f.start():
+            self._undo.append(f.stop)
 
     def stop(self) -> None:
         for undo in reversed(self._undo):

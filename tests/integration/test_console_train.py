@@ -59,9 +59,62 @@ def test_train_console_shows_progress_and_keeps_ray_output_in_the_run_log(tmp_pa
 
     # Ray's own output is not on the screen ...
     for noise in ("Started a local Ray instance", "INFO", "Progress bars disabled", "(RayTrainWorker",
-                  "(TrainController", "pid="):
+                  "(TrainController", "pid=", "core_worker.cc", "PYTHON worker processes"):
         assert noise not in screen, f"{noise!r} reached the screen:\n{screen[-4000:]}"
     # ... it is in the run's log: Ray's INFO lines and the workers' forwarded output
     text = log.read_text()
     assert re.search(r"INFO worker\.py:\d+ -- Started a local Ray instance", text), text[:3000]
     assert re.search(r"\(RayTrainWorker pid=\d+\) \[llamapro\] step +4 stage 1 loss", text), text[-3000:]
+
+
+NOISE_SCRIPT = r"""
+import os, sys
+import ray
+from llamapro.runtime import ensure_ray, ray_log_file
+
+class Echo:
+    def __init__(self, setup):
+        self.setup = setup
+    def __call__(self, batch):
+        return batch
+
+with ray_log_file(sys.argv[1]):
+    ensure_ray("noise test", num_cpus=2, include_dashboard=False, quiet_data=True)
+    # an actor pool executed by this driver: Ray's core worker logs its error-level line for it
+    ds = ray.data.range(4).map_batches(Echo, fn_constructor_kwargs={"setup": "x"}, batch_size=1,
+                                       compute=ray.data.ActorPoolStrategy(size=1))
+    assert len(ds.take_all()) == 4
+    # the raylet's notice, as the driver's error listener prints it
+    ray._private.worker.print_to_stdstream(
+        {"lines": ["WARNING: 8 PYTHON worker processes have been started on node: x"], "pid": "raylet",
+         "is_err": False}, ignore_prefix=False)
+    # anything else Ray (or C code) writes to stderr still reaches the screen, partial line included
+    os.write(2, b"[2026-12-03 10:00:00,000 E 1 1] core_worker.cc:1: a real core worker error\n")
+    ray._private.worker.print_to_stdstream(
+        {"lines": ["a real raylet message"], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    os.write(2, b"no newline at the end")
+ray.shutdown()
+os.write(2, b"\nafter the block\n")
+"""
+
+
+def test_rays_known_noise_goes_to_the_log_and_everything_else_to_the_screen(tmp_path):
+    """Two lines Ray prints past its loggers (the C++ core worker's error line for every Ray Data
+    actor pool, the raylet's worker-count notice) go to the run's log only; other lines on the
+    same paths still reach the user, and stderr is whole again after the command."""
+    log = tmp_path / "ray.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-c", NOISE_SCRIPT, str(log)], capture_output=True, text=True,
+                       cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    screen = r.stdout + r.stderr
+    assert "has constructor arguments in the object store" not in screen, screen[-4000:]
+    assert "PYTHON worker processes have been started" not in screen, screen[-4000:]
+    for kept in ("a real core worker error", "a real raylet message", "no newline at the end",
+                 "after the block"):
+        assert kept in screen, f"{kept!r} did not reach the screen:\n{screen[-4000:]}"
+    text = log.read_text()
+    assert re.search(r"core_worker\.cc:\d+: Actor with class name: 'MapWorker\(MapBatches\(Echo\)\)'.*"
+                     r"has constructor arguments in the object store", text), text[-3000:]
+    assert "(raylet) WARNING: 8 PYTHON worker processes have been started" in text, text[-3000:]
+    assert "a real core worker error" not in text
