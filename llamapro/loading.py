@@ -92,3 +92,19 @@ def load_config(model_dir, *, trust_remote_code: bool = False, **kw):
     if trust_remote_code:
         kw["trust_remote_code"] = True
     return AutoConfig.from_pretrained(str(model_dir), **kw)
+
+
+# --- the KV cache's name: transformers 5.2x renames past_key_values -> cache ------------------------
+
+def cache_kwarg(module, cache) -> dict:
+    """``{"cache": cache}`` for a ``forward`` that takes ``cache`` (transformers 5.2x), else
+    ``{"past_key_values": cache}`` (the old name, which newer versions accept with a warning)."""
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def output_cache(out):
+    """The KV cache of a model output under either name (reading the old one warns from 5.2x on)."""
+    return out["cache"] if "cache" in out else out.past_key_values

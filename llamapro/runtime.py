@@ -9,10 +9,10 @@ read by ``ray.init`` from the environment; nothing here handles tokens.
 driver logs, the workers' stdout/stderr that Ray forwards to the driver, and Ray Data's execution
 lines go to ``path`` (a command puts it at ``RUN/logs/ray.log``); Ray Data's progress bars are
 turned off. Errors of Ray's loggers still reach the screen, and the product's own lines (a worker's
-lines that start ``[llamapro]``) are echoed to stdout. Two lines Ray prints on its own, past its
-loggers, that say nothing to a user (``RAY_NOISE``: a C++ error line for every Ray Data actor pool,
-the raylet's "N PYTHON worker processes" notice) go to the file only; any other line Ray prints
-that way still reaches the screen.
+lines that start ``[llamapro]``) are echoed to stdout. Lines Ray prints on its own, past its
+loggers, that say nothing to a user (``RAY_NOISE``: a C++ error line for every Ray Data actor
+pool, the raylet's "N PYTHON worker processes" notice, Serve's shutdown retry) go to the file
+only; any other line Ray prints that way still reaches the screen.
 """
 
 from __future__ import annotations
@@ -136,6 +136,9 @@ RAY_NOISE = (
     # it expects (Ray Train, Ray Data and the tokenizer actors on a machine with few CPUs). A
     # notice about start-up concurrency, not a failure.
     "PYTHON worker processes have been started on node",
+    # Ray, through the same channel, when Serve shuts down: the controller's shutdown call is retried
+    # because the controller was just killed (by that shutdown).
+    "Task ServeController.graceful_shutdown failed",
 )
 """Substrings of lines Ray prints past its loggers that go to the log file only (see the module
 docstring); each with the reason it is noise to a llamapro user."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from llamapro.cli.exits import interrupted, report
@@ -38,12 +39,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_libraries() -> None:
+    """Without ``-v``, what libraries say on their own that is no news to a llamapro user stays off
+    the screen (errors still show): transformers' per-load progress bars ("Loading weights",
+    "Writing model shards"; also in Ray workers started from here, which inherit the environment),
+    torchao's import-time notes about optional kernels this machine lacks, torch's deprecation
+    notes raised by torchao's import, and DeepSpeed's "Setting accelerator to CPU" on a machine
+    that has no GPU to detect. The product's own progress bars (expand, verify) are unaffected."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # DeepSpeed sets its logger's level when imported; a filter stays on the logger object
+    logging.getLogger("DeepSpeed").addFilter(_DropMessages("Setting accelerator to CPU"))
+
+
 def main(argv=None) -> int:
     """``llamapro ARGV``: the exit code. A deliberate llamapro error prints one line and exits with
     its own code (``llamapro.errors``); anything else is a bug and raises with its traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        quiet_libraries()
     try:
         return args.fn(args)
     except LlamaproError as e:  # e.g. a TrainingError: the workers' own lines, not Ray's traceback

