@@ -160,15 +160,17 @@ def _eval_with_shared_base_battery(cfg, run: Path, cache: Path, say, heldout: di
 def _run_facts(run: Path) -> dict:
     meta = read_metadata(run / "model") or ExpansionMetadata()
     tr = meta.training or TrainingRecord()
-    facts = {"mode": tr.mode, "lr": (tr.config or {}).get("lr"), "tokens": tr.tokens,
+    facts = {"mode": tr.mode, "lr": (tr.config or {}).get("lr"), "tokens": tr.tokens, "mixture": None,
              "new_layers": meta.new_layer_indices}
     cfgp = run / "config.yaml"
     if cfgp.is_file():
         import yaml
 
-        t = (yaml.safe_load(cfgp.read_text()) or {}).get("train") or {}
+        d = yaml.safe_load(cfgp.read_text()) or {}
+        t = d.get("train") or {}
         facts["lr"] = facts["lr"] if facts["lr"] is not None else t.get("lr")
         facts["mode"] = facts["mode"] or t.get("mode")
+        facts["mixture"] = mixture_of(d)
     mp = run / "metrics.jsonl"
     if facts["tokens"] is None and mp.is_file():
         for line in mp.read_text().splitlines():
@@ -219,17 +221,36 @@ def _forgetting(r: dict) -> float | None:
     return r["battery_raw_drop"] if r.get("battery_raw_drop") is not None else r.get("not_replayed_rise")
 
 
-def _ref(rows: list[dict], mode: str) -> dict | None:
+def mixture_of(config: dict) -> str | None:
+    """The training mixture of a run's saved config as each source's share of the weights,
+    ``name 70%, ...`` (None without sources; weights 0.7/0.7 and 0.5/0.5 are the same mixture):
+    runs trained on different mixtures are not each other's reference."""
+    srcs = [s for s in ((config or {}).get("data") or {}).get("sources") or [] if isinstance(s, dict)]
+    weights = [float(s.get("weight", 1.0)) for s in srcs]
+    total = sum(weights)
+    if not srcs or total <= 0:
+        return None
+    return ", ".join(f"{s.get('name')} {w / total:.0%}" for s, w in zip(srcs, weights))
+
+
+def _ref(rows: list[dict], mode: str, like: dict | None = None) -> dict | None:
+    """The reference run of ``mode`` for ``like``: the one with the best domain gain among those
+    trained on the same mixture as ``like``, or among all of that mode when none was."""
     cands = [r for r in rows if r.get("mode") == mode and r["domain_gain"] is not None]
+    same = [r for r in cands if like is not None and like.get("mixture") is not None
+            and r.get("mixture") == like.get("mixture")]
+    cands = same or cands
     return max(cands, key=lambda r: r["domain_gain"]) if cands else None
 
 
 def verdicts(rows: list[dict]) -> dict[str, str]:
     """A sentence per run against the target (>= 90% of full FT's gain; battery drop and
-    not-replayed rise <= a third of full FT's and <= LoRA's)."""
-    full, lora = _ref(rows, "full"), _ref(rows, "lora")
+    not-replayed rise <= a third of full FT's and <= LoRA's). Each run is judged against the full
+    fine-tuning and LoRA runs trained on its own mixture when there are such runs (a study of
+    replay shares compares like with like), else against the best of each."""
     out = {}
     for r in rows:
+        full, lora = _ref(rows, "full", r), _ref(rows, "lora", r)
         if r["domain_gain"] is None:
             out[r["label"]] = "not evaluated on a domain set"
             continue
@@ -237,7 +258,7 @@ def verdicts(rows: list[dict]) -> dict[str, str]:
         ok = True
         if full and r is not full and full["domain_gain"] > 0:
             share = r["domain_gain"] / full["domain_gain"]
-            parts.append(f"{share:.0%} of full fine-tuning's")
+            parts.append(f"{share:.0%} of full fine-tuning's ({full['label']})")
             ok &= share >= 0.9
         for key, name in (("battery_drop", "battery drop beyond noise"),
                           ("not_replayed_rise", "not-replayed retention rise")):
@@ -318,12 +339,15 @@ def _pct(v) -> str:
 
 def table_md(rows: list[dict], verdict: dict) -> str:
     tasks = sorted({t for r in rows for t in r["battery"]})
-    head = (["run", "mode", "lr", "tokens", "domain ppl gain", "not-replayed rise", "replayed rise"]
+    mixed = len({r.get("mixture") for r in rows}) > 1  # several mixtures: say which run had which
+    head = (["run", "mode", "lr", "tokens"] + (["mixture"] if mixed else [])
+            + ["domain ppl gain", "not-replayed rise", "replayed rise"]
             + [f"{t} change [95% CI]" for t in tasks] + ["greedy exact / prefix", "gate"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["label"], str(r.get("mode")), str(r.get("lr")), f"{r['tokens']:,}" if r.get("tokens") else "?",
-                 _pct(r["domain_gain"]), _pct(r["not_replayed_rise"]), _pct(r["replayed_rise"])]
+        cells = [r["label"], str(r.get("mode")), str(r.get("lr")), f"{r['tokens']:,}" if r.get("tokens") else "?"]
+        cells += [r.get("mixture") or "?"] if mixed else []
+        cells += [_pct(r["domain_gain"]), _pct(r["not_replayed_rise"]), _pct(r["replayed_rise"])]
         for t in tasks:
             b = r["battery"].get(t)
             cells.append("—" if not b else f"{b['trained']:.3f} ({b['change']:+.3f} [{b['ci'][0]:+.3f}, "

@@ -261,3 +261,35 @@ def test_the_lr_table_lists_every_lr_a_shape_ran_at(tmp_path):
     md = lr_table(cfg, best_by_mode(rows), 49152, rows)
     assert "| llamapro | 0.0001 (0.050), 0.0003 (0.100) | 0.0003 (still the edge) |" in md, md
     assert "| llamapro-num_stages1 | 0.0003 (0.145), 0.001 (0.181), 0.003 (0.177) | 0.001 |" in md, md
+
+
+def test_verdicts_judge_each_run_against_the_baselines_of_its_own_mixture():
+    """A replay-share study compares several mixtures in one table: each llamapro run is judged
+    against the full fine-tuning run trained on its own mixture, not the best full run overall."""
+    from llamapro.eval.compare import mixture_of, table_md, verdicts
+
+    def row(label, mode, gain, mix):
+        return {"label": label, "mode": mode, "lr": 1e-3, "tokens": 49152, "mixture": mix,
+                "domain_gain": gain, "not_replayed_rise": -0.1, "replayed_rise": -0.1,
+                "not_replayed_sets": ["perl"], "replayed_sets": ["py"], "battery": {}, "battery_drop": None,
+                "greedy_exact": None, "greedy_prefix": None, "gate_passed": True}
+
+    no, half = mixture_of({"data": {"sources": [{"name": "deb", "weight": 1}, {"name": "py", "weight": 0}]}}), \
+        mixture_of({"data": {"sources": [{"name": "deb", "weight": 0.7}, {"name": "py", "weight": 0.7}]}})
+    assert (no, half) == ("deb 100%, py 0%", "deb 50%, py 50%")
+    assert mixture_of({"data": {"sources": [{"name": "deb", "weight": 0.5}, {"name": "py", "weight": 0.5}]}}) == half
+    rows = [row("llamapro-0", "llamapro", 0.18, no), row("llamapro-50", "llamapro", 0.20, half),
+            row("full-0", "full", 0.19, no), row("full-50", "full", 0.25, half)]
+    v = verdicts(rows)
+    # 0.18 / 0.19 = 95% of its own mixture's full run (against the best full overall it would be 72%)
+    assert v["llamapro-0"].startswith("meets the target"), v["llamapro-0"]
+    assert "95% of full fine-tuning's (full-0)" in v["llamapro-0"]
+    assert v["llamapro-50"].startswith("misses the target"), v["llamapro-50"]
+    assert "80% of full fine-tuning's (full-50)" in v["llamapro-50"]
+    assert v["full-0"].startswith("reference") and v["full-50"].startswith("reference")
+    # a run whose mixture no full run shares is judged against the best full run
+    v = verdicts(rows + [row("llamapro-70", "llamapro", 0.20, "deb 30%, py 70%")])
+    assert "80% of full fine-tuning's (full-50)" in v["llamapro-70"]
+    md = table_md(rows, v)
+    assert "| mixture |" in md and "| deb 50%, py 50% |" in md
+    assert "| mixture |" not in table_md(rows[:1], verdicts(rows[:1]))
