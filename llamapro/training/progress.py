@@ -4,7 +4,7 @@ seconds (always the first and last step of each stage), read from the records ra
 
       train stage 1/2 step 3/8 loss 4.1234 | 2,345 tok/s | 0:42 elapsed, ~1:10 left
 
-and one line per held-out evaluation. :class:`Progress` turns records into lines (plain data, no
+(the first step's line says ``warm-up step`` instead of a time left) and one line per held-out evaluation. :class:`Progress` turns records into lines (plain data, no
 Ray); :class:`MetricsTail` follows the file from a thread while Ray Train's ``fit`` runs.
 """
 
@@ -90,8 +90,11 @@ class Progress:
         left = max(0, self.total - step) * per_step
         loss = rec.get("loss")
         loss_s = f"loss {loss:.4f}" if isinstance(loss, (int, float)) else "loss ?"
+        # the first step seen alone says nothing about the rest (it carries start-up and, with
+        # compiled layers, compilation: the demo's was 9x a later step): no estimate from it
+        when = "warm-up step" if step == s_first and step < self.total else f"~{clock(left)} left"
         return (f"      {self.label} stage {k + 1}/{len(self.stage_steps)} step {step}/{self.total} "
-                f"{loss_s} | {tok_s:,.0f} tok/s | {clock(t - self.t0)} elapsed, ~{clock(left)} left")
+                f"{loss_s} | {tok_s:,.0f} tok/s | {clock(t - self.t0)} elapsed, {when}")
 
 
 class MetricsTail:

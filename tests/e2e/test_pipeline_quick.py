@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 PROGRESS = re.compile(r"^      train stage (\d)/2 step (\d+)/4 loss \d+\.\d{4} \| [\d,]+ tok/s \| "
-                      r"\d+:\d\d elapsed, ~\d+:\d\d left$", re.M)
+                      r"\d+:\d\d elapsed, (?:~\d+:\d\d left|warm-up step)$", re.M)
 
 
 @pytest.fixture(scope="module")

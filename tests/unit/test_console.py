@@ -44,7 +44,7 @@ def test_a_line_per_step_at_most_every_few_seconds_with_stage_loss_speed_and_tim
     # first step, each stage's first and last step, and otherwise one line per 5 s
     assert sorted(lines) == [1, 2, 3, 8, 12]
     # a fixed clock and fed records: this checks the line's format and arithmetic, never the machine's speed
-    assert lines[1] == "      train stage 1/2 step 1/12 loss 4.9000 | 1,001 tok/s | 0:01 elapsed, ~0:11 left"
+    assert lines[1] == "      train stage 1/2 step 1/12 loss 4.9000 | 1,001 tok/s | 0:01 elapsed, warm-up step"
     # step 8: 1 s a step since step 1, 4 steps left; speed over the steps since the last line
     assert lines[8] == ("      train stage 2/2 step 8/12 loss 4.2000 | 1,006 tok/s | 0:08 elapsed, "
                         "~0:04 left")
@@ -53,11 +53,12 @@ def test_a_line_per_step_at_most_every_few_seconds_with_stage_loss_speed_and_tim
 
 def test_time_left_is_never_less_than_the_steps_own_time():
     """Records read in one batch arrive together: the wall clock between them says nothing, the
-    steps' own seconds do (the first step, with its warm-up, left out once there are others)."""
+    steps' own seconds do (the first step, with its warm-up, gives no estimate and is left out of
+    the later ones)."""
     now = Clock()
     p = Progress([10], every_s=0, now=now)
     now.t = 30.0
-    assert p.feed(_step(1, 0, step_s=20.0)).endswith("0:30 elapsed, ~3:00 left")  # 9 x 20 s: all it knows
+    assert p.feed(_step(1, 0, step_s=20.0)).endswith("0:30 elapsed, warm-up step")  # no estimate from it
     assert p.feed(_step(2, 0, step_s=2.0)).endswith("~0:16 left")  # same instant: 8 x 2 s
     now.t = 60.0
     assert p.feed(_step(3, 0, step_s=2.0)).endswith("~1:45 left")  # 30 s for 2 steps: 7 x 15 s
