@@ -4,8 +4,9 @@ seconds (always the first and last step of each stage), read from the records ra
 
       train stage 1/2 step 3/8 loss 4.1234 | 2,345 tok/s | 0:42 elapsed, ~1:10 left
 
-(the first step's line says ``warm-up step`` instead of a time left) and one line per held-out evaluation. :class:`Progress` turns records into lines (plain data, no
-Ray); :class:`MetricsTail` follows the file from a thread while Ray Train's ``fit`` runs.
+(the first step's line says ``warm-up step`` instead of a time left) and one line per held-out
+evaluation. :class:`Progress` turns records into lines (plain data, no Ray); :class:`MetricsTail`
+follows the file from a thread while Ray Train's ``fit`` runs.
 """
 
 from __future__ import annotations
